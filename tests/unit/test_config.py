@@ -1,0 +1,100 @@
+"""Every config group option composes into the typed schema; bad values fail naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf.errors import ValidationError
+
+from trainer.config import ConfigError, TrainConfig, register_configs
+from trainer.train import config_dir, to_typed
+
+CONFIGS = Path(config_dir())
+
+
+@pytest.fixture(scope="module")
+def composer():
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
+        yield lambda *overrides: compose(config_name="train", overrides=list(overrides))
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONFIGS / group).glob("*.yaml"))
+
+
+def test_default_config_is_valid(composer):
+    cfg = to_typed(composer())
+    assert isinstance(cfg, TrainConfig)
+    assert cfg.run_dir == "runs/default"
+    assert cfg.data.seq_len == cfg.model.max_seq_len
+    assert cfg.data.builtin
+
+
+@pytest.mark.parametrize(
+    "group", ["model", "data", "optim", "engine", "logger", "checkpoint", "experiment", "debug"]
+)
+def test_every_option_of_every_group_composes(composer, group):
+    options = _options(group)
+    assert options, f"configs/{group} has no options"
+    for option in options:
+        overrides = [f"{group}={option}", "data.path=/tmp/x"]
+        typed = to_typed(composer(*overrides))
+        assert isinstance(typed, TrainConfig), option
+
+
+def test_unknown_key_is_rejected_naming_it(composer):
+    with pytest.raises(ConfigCompositionException, match="optim.lrr"):
+        composer("optim.lrr=0.1")
+
+
+def test_missing_group_option_is_rejected(composer):
+    with pytest.raises(Exception, match="model/huge"):
+        composer("model=huge")
+
+
+def test_wrong_type_is_rejected(composer):
+    with pytest.raises((ConfigCompositionException, ValidationError), match="lr"):
+        to_typed(composer("optim.lr=fast"))
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("model.n_head=3", "model.n_head"),
+        ("model.n_kv_head=3", "model.n_kv_head"),
+        ("engine.zero_stage=4", "engine.zero_stage"),
+        ("engine.precision=fp8", "engine.precision"),
+        ("engine.offload_params=true", "engine.offload_params"),
+        ("model.pos_emb=alibi", "model.pos_emb"),
+        ("model.act_ckpt=some", "model.act_ckpt"),
+        ("data.seq_len=4096", "data.seq_len"),
+        ("micro_batch_size=5", "global_batch_size"),
+        ("optim.betas=[0.9]", "optim.betas"),
+        ("max_steps=0", "max_steps"),
+    ],
+)
+def test_impossible_values_name_the_key(composer, override, key):
+    with pytest.raises(ConfigError) as err:
+        to_typed(composer(override))
+    msg = str(err.value)
+    assert key in msg and "\n" not in msg
+
+
+def test_world_size_must_fit_the_batch(composer, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"global_batch_size=16 .* world size 3"):
+        to_typed(composer())
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = to_typed(composer("micro_batch_size=4"))
+    assert cfg.grad_accum_steps(2) == 2
+
+
+def test_max_tokens_ends_the_run_early(composer):
+    cfg = to_typed(composer("max_steps=1000", "max_tokens=100000"))
+    per_step = cfg.global_batch_size * cfg.data.seq_len
+    assert cfg.total_steps() == -(-100000 // per_step)
+    assert to_typed(composer("max_steps=3", "max_tokens=100000000")).total_steps() == 3
