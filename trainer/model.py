@@ -1,0 +1,304 @@
+"""GPT: a decoder-only Transformer, its activation checkpointing, and analytic counts.
+
+Reads top to bottom in execution order: rotary embeddings, attention, MLP, block, model;
+then the parameter and FLOPs counts and the optimizer's parameter groups. Torch only (no
+distributed code), so the same module runs under DeepSpeed, DDP or on one CPU.
+
+Shapes: B batch, T time, D d_model, H query heads, K key/value heads, Q head_dim,
+V padded vocab (see ``padded_vocab_size``).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+    noop_context_fn,
+)
+
+from trainer.config import ModelConfig
+
+
+def padded_vocab_size(cfg: ModelConfig) -> int:
+    """The embedding/logit width: vocab_size rounded up to a multiple of pad_vocab_to.
+
+    The extra rows never appear as targets, so training drives their logits down; samplers
+    should still mask logits[..., cfg.vocab_size:].
+    """
+    assert cfg.vocab_size is not None, "model.vocab_size is unset: take it from the tokenizer"
+    return -(-cfg.vocab_size // cfg.pad_vocab_to) * cfg.pad_vocab_to
+
+
+# ---------------------------------------------------------------------------- rotary embedding
+
+
+def rope_cache(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos and sin of the rotation angles pos * theta^(-2i/Q), each [max_seq_len, Q/2]."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs (x[..., i], x[..., i + Q/2]) of x [B, heads, T, Q] by the angles of cos/sin [T, Q/2]."""
+    x1, x2 = x.chunk(2, dim=-1)  # the "rotate half" layout of GPT-NeoX and HF Llama
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+# ---------------------------------------------------------------------------- transformer block
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)  # RMSNorm has a gain but never a bias
+    return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.kv_heads, cfg.head_dim
+        kv_dim = self.n_kv_head * self.head_dim
+        # q, k and v in one matmul; k and v are narrower under grouped-query attention
+        self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=cfg.bias)
+        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
+        self.attn_dropout = cfg.dropout
+        self.resid_dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+        B, T, D = x.shape
+        kv_dim = self.n_kv_head * self.head_dim
+        q, k, v = self.qkv(x).split([D, kv_dim, kv_dim], dim=-1)
+        # [B, T, heads*Q] -> [B, heads, T, Q]: sdpa attends over the second-to-last dim
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if cos is not None:
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        # A KV cache (for generation) goes here: append k, v while they still have K heads, and
+        # pass cos/sin for the new positions only; is_causal then needs an explicit mask.
+        if self.n_kv_head != self.n_head:
+            # GQA: kv head j serves the n_head/n_kv_head consecutive query heads that follow it
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # [B, H, T, Q]
+            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
+        dropout_p = self.attn_dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        y = y.transpose(1, 2).reshape(B, T, D)  # [B, H, T, Q] -> [B, T, D]
+        return self.resid_dropout(self.out_proj(y))
+
+
+class MLP(nn.Module):
+    """GPT-2's MLP: D -> ffn -> GELU -> D."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.up = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+        self.down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.down(F.gelu(self.up(x))))
+
+
+class SwiGLU(nn.Module):
+    """Llama's MLP: w2(silu(w1 x) * w3 x); w1 is the gate, w3 the up and w2 the down projection."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+        self.w3 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
+        self.w2 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm residual block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.attn_norm = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg)
+        self.mlp_norm = make_norm(cfg)
+        self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else MLP(cfg)
+
+    def forward(self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# ---------------------------------------------------------------------------- activation checkpointing
+
+# Selective AC (torchtitan's "op-level" policy): keep the outputs of the matmuls and of attention,
+# whose recomputation costs O(D) or O(T) FLOPs per element, and recompute the elementwise ops
+# (norms, activations, rope, dropout, residual adds), which are cheap but hold most activations.
+_SAC_SAVE_OPS = {
+    getattr(torch.ops.aten, name).default
+    for name in (
+        "mm",
+        "addmm",
+        "bmm",
+        "linear",
+        "_scaled_dot_product_flash_attention",
+        "_scaled_dot_product_flash_attention_for_cpu",
+        "_scaled_dot_product_efficient_attention",
+        "_scaled_dot_product_cudnn_attention",
+        "_scaled_dot_product_attention_math",
+    )
+    if hasattr(torch.ops.aten, name)
+}
+
+
+def _sac_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAC_SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        assert cfg.vocab_size is not None, "model.vocab_size is unset: take it from the tokenizer"
+        self.cfg = cfg
+        vocab = padded_vocab_size(cfg)
+        self.tok_emb = nn.Embedding(vocab, cfg.d_model)
+        self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_emb == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.norm = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, vocab, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight  # one Parameter, read by both
+        if cfg.pos_emb == "rope":
+            # derived from the config, so not saved in checkpoints (persistent=False)
+            cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """(Re)initialize every parameter and buffer, e.g. after ``to_empty`` from the meta device."""
+        if self.cfg.tie_embeddings:  # again: to_empty() gives the two modules separate tensors
+            self.lm_head.weight = self.tok_emb.weight
+        std = self.cfg.init_std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
+                module.reset_parameters()
+        # GPT-2: each block adds two projections into the residual stream; scaling them by
+        # 1/sqrt(2 * n_layer) keeps the stream's variance independent of depth at init.
+        for name, p in self.named_parameters():
+            if name.endswith(("attn.out_proj.weight", "mlp.down.weight", "mlp.w2.weight")):
+                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
+        if self.cfg.pos_emb == "rope":
+            cos, sin = rope_cache(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
+
+    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """idx, targets: [B, T] token ids -> (logits [B, T, V], mean cross-entropy or None).
+
+        Targets equal to -100 are ignored (padding, or masked prompt tokens).
+        """
+        B, T = idx.shape
+        if self.cfg.max_seq_len < T:
+            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        x = self.tok_emb(idx)  # [B, T, D]
+        cos = sin = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(T, device=idx.device))  # [T, D] broadcasts over B
+        else:
+            cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)  # [T, Q/2]
+        x = self.drop(x)
+        # recomputation only pays off when a backward pass will follow
+        ckpt = self.cfg.act_ckpt != "none" and self.training and torch.is_grad_enabled()
+        for i, block in enumerate(self.blocks):
+            if ckpt and self._checkpoints_block(i):
+                x = checkpoint(block, x, cos, sin, use_reentrant=False, context_fn=self._ckpt_context())
+            else:
+                x = block(x, cos, sin)
+        logits = self.lm_head(self.norm(x))  # [B, T, V]
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
+        return logits, loss
+
+    def _checkpoints_block(self, i: int) -> bool:
+        if self.cfg.act_ckpt == "every_n":
+            return i % self.cfg.act_ckpt_every == 0
+        return self.cfg.act_ckpt in ("full", "selective")
+
+    def _ckpt_context(self):
+        if self.cfg.act_ckpt == "selective":
+            return partial(create_selective_checkpoint_contexts, _sac_policy)
+        return noop_context_fn  # plain checkpointing: keep only the block's inputs
+
+
+# ---------------------------------------------------------------------------- counts and optimizer groups
+
+
+def num_params(cfg: ModelConfig, *, exclude_position_embedding: bool = False) -> int:
+    """Parameters of GPT(cfg), counted from the config alone (tied weights once)."""
+    d, f, vocab = cfg.d_model, cfg.ffn_dim, padded_vocab_size(cfg)
+    kv_dim = cfg.kv_heads * cfg.head_dim
+    b = int(cfg.bias)
+    attn = d * (d + 2 * kv_dim) + b * (d + 2 * kv_dim) + d * d + b * d  # qkv, out_proj
+    # swiglu: w1, w3, w2; gelu: up, down
+    mlp = 3 * d * f + b * (2 * f + d) if cfg.mlp == "swiglu" else 2 * d * f + b * (f + d)
+    norm = d if cfg.norm == "rmsnorm" else d + b * d
+    total = vocab * d + cfg.n_layer * (attn + mlp + 2 * norm) + norm
+    if not cfg.tie_embeddings:
+        total += vocab * d  # lm_head
+    if cfg.pos_emb == "learned" and not exclude_position_embedding:
+        total += cfg.max_seq_len * d
+    return total
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """Training FLOPs per token (forward + backward): 6*N + 12*L*H*Q*T.
+
+    As in the PaLM paper (appendix B) and nanoGPT's estimate_mfu. 6*N counts a multiply-add
+    (2 FLOPs) per parameter per token, three times (forward, and backward w.r.t. inputs and
+    weights). N is every parameter except the learned position table and, when embeddings are
+    untied, the input token table (both are lookups, not matmuls; an untied lm_head is a matmul
+    and is counted); norm gains and biases are included, as in nanoGPT (they are <0.1%).
+    12*L*H*Q*T counts the attention scores q@k^T and the weighted sum att@v over the full T x T
+    square (causal masking is ignored, by convention). Recomputation for activation
+    checkpointing is not counted, so MFU from this stays comparable across policies.
+    """
+    n = num_params(cfg, exclude_position_embedding=True)
+    if not cfg.tie_embeddings:
+        n -= padded_vocab_size(cfg) * cfg.d_model
+    return 6 * n + 12 * cfg.n_layer * cfg.n_head * cfg.head_dim * seq_len
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay the weight matrices of Linear layers, nothing else.
+
+    Norm gains, biases and embedding tables (including a token table tied to lm_head) get no
+    decay. Each parameter appears exactly once.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    matrices = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
+    decay, no_decay = [], []
+    for p in model.parameters():  # parameters() yields a shared (tied) Parameter once
+        if id(p) in matrices and id(p) not in embeddings:
+            decay.append(p)
+        else:
+            no_decay.append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
