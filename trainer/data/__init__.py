@@ -1,0 +1,36 @@
+"""Data: text -> tokenizer -> packed fixed-length samples -> webdataset tar shards -> streaming loader.
+
+Modules: ``corpus`` (the built-in training corpus), ``tokenizer`` (byte / char / bpe), ``prepare``
+(writes shards and ``manifest.json``) and ``loader`` (the deterministic, resumable ``ShardLoader``).
+The names below are importable from ``trainer.data`` directly; the loader (which needs torch) is
+imported on first use so that preparing data does not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+
+class DataError(Exception):
+    """Input data or a prepared dataset that cannot be used; the message names the file and the fix."""
+
+
+_LAZY = {
+    "write_builtin_corpus": "corpus",
+    "load_tokenizer": "tokenizer",
+    "build_tokenizer": "tokenizer",
+    "Tokenizer": "tokenizer",
+    "prepare_dataset": "prepare",
+    "prepare_builtin": "prepare",
+    "load_manifest": "loader",
+    "ShardLoader": "loader",
+}
+
+__all__ = ["DataError", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: import submodules only when a name is used
+    if name in _LAZY:
+        return getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,518 @@
+"""Prepare a dataset: text / JSON Lines -> tokens -> packed samples -> webdataset tar shards + manifest.
+
+Inputs are files, directories (searched recursively for .txt/.text/.md and .jsonl/.ndjson/.json,
+optionally .gz) and glob patterns, read in the given order (each expansion sorted) and streamed
+line by line. A plain-text file holds documents separated by blank lines (a line with only
+whitespace); a JSON Lines file holds one object per line with the text under ``text_field``.
+
+Every document's ids are followed by the end-of-text id and the stream is cut into samples of
+``seq_len + 1`` tokens (the final partial sample is dropped). In each block of
+``round(1 / val_fraction)`` consecutive samples one, chosen from ``seed``, goes to validation.
+Sample ``i`` of the stream is stored under key ``%010d`` as raw little-endian uint16 (uint32 when
+the vocabulary exceeds 65536 ids) in the field ``tokens.bin``.
+
+``manifest.json`` is written last and atomically; a directory without it is not a dataset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import glob
+import gzip
+import hashlib
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Iterable, Iterator
+
+import numpy as np
+import webdataset as wds
+
+from trainer.data import DataError
+from trainer.data.corpus import CORPUS_VERSION, write_builtin_corpus
+from trainer.data.tokenizer import Tokenizer, build_tokenizer
+
+FORMAT = "trainer.tokens"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+FIELD = "tokens.bin"
+SPLITS = ("train", "val")
+TOKENIZER_DIR = "tokenizer"
+TEXT_SUFFIXES = {".txt", ".text", ".md"}
+JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
+_MAX_PIECE_CHARS = 1 << 22  # a longer document is tokenized in pieces, so no file is held whole
+_BATCH_CHARS = 1 << 20  # characters per tokenization task
+BUILTIN_DOCS = 6000
+BUILTIN_VAL_FRACTION = 0.02
+
+
+# ---- inputs ---------------------------------------------------------------------------------
+
+
+def _suffix(path: Path) -> str:
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] == ".gz":
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
+def _dir_files(directory: Path) -> list[Path]:
+    known = TEXT_SUFFIXES | JSONL_SUFFIXES
+    files = [
+        p
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+        and _suffix(p) in known
+        and not any(part.startswith(".") for part in p.relative_to(directory).parts)  # skip hidden
+    ]
+    if not files:
+        raise DataError(
+            f"{directory}: no .txt/.md/.jsonl/.json files inside: point to a file or glob instead"
+        )
+    return files
+
+
+def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files to read, in order: each input is a file, a directory or a glob pattern."""
+    files: list[Path] = []
+    for item in [inputs] if isinstance(inputs, (str, Path)) else inputs:
+        text = str(item)
+        if any(c in text for c in "*?[") and not Path(text).exists():
+            matches = sorted(glob.glob(text, recursive=True))
+            if not matches:
+                raise DataError(f"{text}: the pattern matches no file: check the path")
+            for match in map(Path, matches):
+                files += _dir_files(match) if match.is_dir() else [match]
+        elif Path(text).is_dir():
+            files += _dir_files(Path(text))
+        elif Path(text).is_file():
+            files.append(Path(text))
+        else:
+            raise DataError(f"{text}: no such file or directory: check the input path")
+    if not files:
+        raise DataError("no input files given: pass at least one file, directory or glob")
+    return files
+
+
+def _open_text(path: Path) -> IO[str]:
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8")
+    return open(path, encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[IO[str]]:
+    """Open ``path`` as UTF-8 text; I/O and decoding errors become a DataError naming the file."""
+    try:
+        with _open_text(path) as f:
+            yield f
+    except UnicodeDecodeError as exn:
+        raise DataError(
+            f"{path}: not UTF-8 text ({exn.reason} at byte {exn.start}): convert it to UTF-8"
+        ) from exn
+    except (OSError, EOFError) as exn:
+        raise DataError(f"{path}: cannot read ({exn}): check the file") from exn
+
+
+def _text_pieces(path: Path) -> Iterator[tuple[str, bool]]:
+    """(text, ends_document) pieces of the blank-line separated documents of a text file."""
+    lines: list[str] = []
+    size = 0
+    with _reading(path) as f:
+        for line in f:
+            if line.strip():
+                lines.append(line)
+                size += len(line)
+                if size >= _MAX_PIECE_CHARS:  # keep the last line: the document's end strips its newline
+                    yield "".join(lines[:-1]), False
+                    lines, size = lines[-1:], len(lines[-1])
+            elif lines:
+                yield "".join(lines).removesuffix("\n"), True
+                lines, size = [], 0
+    if lines:
+        yield "".join(lines).removesuffix("\n"), True
+
+
+def _jsonl_pieces(path: Path, text_field: str) -> Iterator[tuple[str, bool]]:
+    with _reading(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except ValueError as exn:
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({exn}): JSON Lines needs one object per line; "
+                    "fix or delete the line"
+                ) from None
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                raise DataError(
+                    f"{path}:{lineno}: no string field {text_field!r}: "
+                    "set text_field to the key that holds the text"
+                )
+            if text:
+                yield text, True
+
+
+def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[tuple[str, bool]]:
+    """(text, ends_document) pieces of every document in ``files``; long documents come in pieces."""
+    for path in files:
+        if _suffix(path) in JSONL_SUFFIXES:
+            yield from _jsonl_pieces(path, text_field)
+        else:
+            yield from _text_pieces(path)
+
+
+# ---- tokenize and pack -------------------------------------------------------------------------
+
+
+def _batched(pieces: Iterator[tuple[str, bool]]) -> Iterator[list[tuple[str, bool]]]:
+    batch: list[tuple[str, bool]] = []
+    size = 0
+    for piece in pieces:
+        batch.append(piece)
+        size += len(piece[0])
+        if size >= _BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _encode(tokenizer: Tokenizer, batch: list[tuple[str, bool]]) -> np.ndarray:
+    """One batch of pieces as a flat id array, with end-of-text after each finished document."""
+    eot = np.array([tokenizer.eot_id], dtype=np.int64)
+    parts = []
+    for ids, (_, ends) in zip(tokenizer.encode_batch([text for text, _ in batch]), batch, strict=True):
+        parts += [ids, eot] if ends else [ids]
+    return np.concatenate(parts)
+
+
+_WORKER_TOKENIZER: Tokenizer | None = None  # set once in each pool worker process, never in the parent
+
+
+def _init_worker(tokenizer: Tokenizer) -> None:
+    global _WORKER_TOKENIZER
+    _WORKER_TOKENIZER = tokenizer
+
+
+def _encode_in_worker(batch: list[tuple[str, bool]]) -> np.ndarray:
+    assert _WORKER_TOKENIZER is not None
+    return _encode(_WORKER_TOKENIZER, batch)
+
+
+def _token_chunks(tokenizer: Tokenizer, batches: Iterator[list], num_workers: int) -> Iterator[np.ndarray]:
+    """Encoded batches in input order; with workers, at most 2 per worker in flight (bounded memory)."""
+    if num_workers <= 1:
+        yield from (_encode(tokenizer, b) for b in batches)
+        return
+    with multiprocessing.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
+        pending: deque = deque()
+        for batch in batches:
+            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
+            if len(pending) >= 2 * num_workers:
+                yield pending.popleft().get()
+        while pending:
+            yield pending.popleft().get()
+
+
+def _pack(chunks: Iterator[np.ndarray], sample_len: int, stats: dict[str, int]) -> Iterator[np.ndarray]:
+    """Consecutive non-overlapping rows of ``sample_len`` tokens; the final partial row is dropped."""
+    rest = np.zeros(0, np.int64)
+    for chunk in chunks:
+        stats["tokens"] += len(chunk)
+        buf = np.concatenate([rest, chunk])
+        n = len(buf) // sample_len
+        yield from buf[: n * sample_len].reshape(n, sample_len)
+        rest = buf[n * sample_len :]
+    stats["dropped_tokens"] = len(rest)
+
+
+def _assign_splits(
+    rows: Iterator[np.ndarray], val_fraction: float, seed: int
+) -> Iterator[tuple[str, int, Any]]:
+    """(split, stream index, row): in every block of round(1/val_fraction) rows, one seeded row is val.
+
+    The final partial block follows the same rule, except that it gives val its only row when
+    there was no full block (so val is never empty when there are at least two rows).
+    """
+    block = max(2, round(1 / val_fraction))
+    rng = random.Random(seed)
+    pending: list[tuple[int, np.ndarray]] = []
+    full_blocks = 0
+    for index, row in enumerate(rows):
+        pending.append((index, row))
+        if len(pending) == block:
+            pick = rng.randrange(block)
+            yield from (("val" if j == pick else "train", i, r) for j, (i, r) in enumerate(pending))
+            pending, full_blocks = [], full_blocks + 1
+    if pending:
+        pick = rng.randrange(block)
+        if full_blocks == 0 and len(pending) > 1:
+            pick = min(pick, len(pending) - 1)
+        yield from (("val" if j == pick else "train", i, r) for j, (i, r) in enumerate(pending))
+
+
+# ---- shards and manifest -----------------------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class _SplitWriter:
+    """One split's ShardWriter, opened on the first sample (no empty shard) and recording each shard."""
+
+    def __init__(self, directory: Path, split: str, max_samples: int, max_bytes: int):
+        self.pattern = str(directory / f"{split}-%06d.tar")
+        self.max_samples, self.max_bytes = max_samples, max_bytes
+        self.shards: list[dict[str, Any]] = []
+        self._sink: wds.ShardWriter | None = None
+
+    def write(self, key: str, payload: bytes) -> None:
+        if self._sink is None:
+            self._sink = wds.ShardWriter(
+                self.pattern,
+                maxcount=self.max_samples,
+                maxsize=self.max_bytes,
+                post=self._finished,
+                verbose=0,
+                encoder=False,
+                mtime=0,  # fixed mtime: same input, byte-identical shards
+            )
+        self._sink.write({"__key__": key, FIELD: payload})
+
+    def _finished(self, fname: str) -> None:
+        path = Path(fname)
+        assert self._sink is not None
+        entry = {"path": path.name, "samples": self._sink.count, "sha256": file_sha256(path)}
+        self.shards.append({**entry, "bytes": path.stat().st_size})
+
+    def close(self) -> None:
+        if self._sink is not None:
+            self._sink.close()
+            self._sink = None
+
+    def summary(self, sample_len: int) -> dict[str, Any]:
+        samples = sum(s["samples"] for s in self.shards)
+        return {"shards": self.shards, "samples": samples, "tokens": samples * sample_len}
+
+
+@dataclass(frozen=True)
+class _Options:
+    seq_len: int
+    val_fraction: float
+    shard_max_samples: int
+    shard_max_bytes: int
+    text_field: str
+    vocab_size: int
+    seed: int
+    num_workers: int
+
+
+def _write_shards(tok: Tokenizer, files: list[Path], staging: Path, opts: _Options) -> dict[str, Any]:
+    """Tokenize, pack and write both splits into ``staging``; returns the splits and stream stats."""
+    sample_len = opts.seq_len + 1
+    dtype = "<u2" if tok.vocab_size <= 1 << 16 else "<u4"
+    stats = {"documents": 0, "tokens": 0, "dropped_tokens": 0}
+
+    def counted(pieces: Iterator[tuple[str, bool]]) -> Iterator[tuple[str, bool]]:
+        for piece in pieces:
+            stats["documents"] += piece[1]
+            yield piece
+
+    batches = _batched(counted(iter_documents(files, opts.text_field)))
+    rows = _pack(_token_chunks(tok, batches, opts.num_workers), sample_len, stats)
+    writers = {s: _SplitWriter(staging, s, opts.shard_max_samples, opts.shard_max_bytes) for s in SPLITS}
+    try:
+        for split, index, row in _assign_splits(rows, opts.val_fraction, opts.seed):
+            writers[split].write(f"{index:010d}", row.astype(dtype).tobytes())
+    finally:
+        for writer in writers.values():
+            writer.close()
+    names = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+    if stats["documents"] == 0:
+        raise DataError(f"{names}: no documents found (all empty?): check the inputs and text_field")
+    splits = {s: w.summary(sample_len) for s, w in writers.items()}
+    if not all(splits[s]["samples"] for s in SPLITS):
+        raise DataError(
+            f"{names}: only {stats['tokens']} tokens, fewer than two samples of seq_len+1={sample_len}: "
+            "add text or lower seq_len"
+        )
+    return {"dtype": "uint16" if dtype == "<u2" else "uint32", "splits": splits, "stats": stats}
+
+
+def _build(files: list[Path], staging: Path, tokenizer: str | Path, opts: _Options) -> dict[str, Any]:
+    """Write tokenizer and shards into ``staging``; returns the manifest (not yet written)."""
+    tok = build_tokenizer(
+        tokenizer, lambda: (t for t, _ in iter_documents(files, opts.text_field)), opts.vocab_size
+    )
+    tok.save(staging / TOKENIZER_DIR)
+    written = _write_shards(tok, files, staging, opts)
+    return {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "seq_len": opts.seq_len,
+        "sample_len": opts.seq_len + 1,
+        "dtype": written["dtype"],
+        "field": FIELD,
+        "tokenizer": {
+            "kind": tok.kind,
+            "vocab_size": tok.vocab_size,
+            "eot_id": tok.eot_id,
+            "identity": tok.identity(),
+            "path": TOKENIZER_DIR,
+        },
+        "splits": written["splits"],
+        "stats": written["stats"],
+        "val_fraction": opts.val_fraction,
+        "seed": opts.seed,
+        "sources": [{"path": str(f.resolve()), "bytes": f.stat().st_size} for f in files],
+    }
+
+
+def _write_json_atomic(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())  # the manifest is the commit marker: its content must be on disk first
+    os.replace(tmp, path)
+
+
+def _publish(staging: Path, out_dir: Path, manifest: dict[str, Any]) -> None:
+    """Move a finished build to ``out_dir``, the manifest last, so readers see old, nothing or new."""
+    try:
+        os.rename(staging, out_dir)  # out_dir absent or empty: one atomic step
+    except OSError:
+        if not out_dir.is_dir():
+            raise
+        (out_dir / MANIFEST).unlink(missing_ok=True)  # from here the old dataset is invalid
+        for old in [*out_dir.glob("train-*.tar"), *out_dir.glob("val-*.tar"), out_dir / TOKENIZER_DIR]:
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+        for item in staging.iterdir():
+            os.replace(item, out_dir / item.name)
+    _write_json_atomic(out_dir / MANIFEST, manifest)
+
+
+def _staging_dir(out_dir: Path) -> Path:
+    """A fresh directory beside ``out_dir`` (same file system, so the final rename is atomic)."""
+    staging = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir(parents=True)
+    return staging
+
+
+def prepare_dataset(
+    inputs: list[str | Path],
+    out_dir: Path,
+    *,
+    seq_len: int,
+    tokenizer: str | Path = "byte",
+    val_fraction: float = 0.01,
+    shard_max_samples: int = 10_000,
+    shard_max_bytes: int = 256 << 20,
+    text_field: str = "text",
+    vocab_size: int = 8192,
+    seed: int = 0,
+    num_workers: int = 1,
+) -> dict[str, Any]:
+    """Tokenize ``inputs`` into train/val tar shards and ``manifest.json`` in ``out_dir``; returns it.
+
+    ``tokenizer``: byte | char | bpe (trained here to ``vocab_size``) | a tokenizer.json | a saved
+    tokenizer directory. The build happens in a temporary directory beside ``out_dir``; shards of
+    an older dataset in ``out_dir`` are replaced and its manifest is removed before the new one lands.
+    """
+    if seq_len <= 0 or shard_max_samples <= 0 or num_workers <= 0:
+        raise ValueError("seq_len, shard_max_samples and num_workers must be positive")
+    if not 0 < val_fraction <= 0.5:
+        raise ValueError(f"val_fraction={val_fraction} must be in (0, 0.5]")
+    files = expand_inputs(inputs)
+    out_dir = Path(out_dir).resolve()  # its parent holds the staging directory
+    opts = _Options(
+        seq_len, val_fraction, shard_max_samples, shard_max_bytes, text_field, vocab_size, seed, num_workers
+    )
+    staging = _staging_dir(out_dir)
+    try:
+        manifest = _build(files, staging, tokenizer, opts)
+        _publish(staging, out_dir, manifest)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return manifest
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (and nodes, where the file system supports flock)."""
+    with open(path, "a") as f:
+        # No flock on some network file systems: then the atomic publish alone has to do.
+        with contextlib.suppress(OSError):
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def _usable_builtin(out_dir: Path, seq_len: int, builtin: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest in ``out_dir`` if it is this exact built-in dataset and its shards are present."""
+    from trainer.data.loader import load_manifest  # the loader imports torch; import it only when needed
+
+    if not (out_dir / MANIFEST).is_file():
+        return None
+    try:
+        manifest = load_manifest(out_dir)
+    except DataError:
+        return None  # unreadable: rebuild it
+    if "builtin" not in manifest:
+        raise DataError(
+            f"{out_dir} holds a prepared dataset that is not the built-in corpus: "
+            "set data.builtin=false to train on it, or choose another data.path"
+        )
+    if manifest["builtin"] != builtin or manifest["seq_len"] != seq_len:
+        return None
+    for split in manifest["splits"].values():
+        for shard in split["shards"]:
+            path = out_dir / shard["path"]
+            if not path.is_file() or path.stat().st_size != shard["bytes"]:
+                return None
+    return manifest
+
+
+def prepare_builtin(out_dir: Path, seq_len: int, seed: int = 0, n_docs: int = BUILTIN_DOCS) -> dict[str, Any]:
+    """The built-in corpus, byte-tokenized into ``out_dir``; a no-op when it is already there.
+
+    Safe when several processes call it at once: they serialize on a lock file beside ``out_dir``,
+    each build happens in its own temporary directory, and a matching dataset is returned as is.
+    """
+    out_dir = Path(out_dir).resolve()  # its parent holds the staging directory
+    builtin = {"corpus_version": CORPUS_VERSION, "seed": seed, "n_docs": n_docs}
+    manifest = _usable_builtin(out_dir, seq_len, builtin)
+    if manifest is not None:
+        return manifest
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    with _file_lock(out_dir.parent / f".{out_dir.name}.lock"):
+        manifest = _usable_builtin(out_dir, seq_len, builtin)  # built by another process meanwhile?
+        if manifest is not None:
+            return manifest
+        staging = _staging_dir(out_dir)
+        try:
+            corpus = write_builtin_corpus(staging / "corpus.jsonl", n_docs=n_docs, seed=seed)
+            shard_samples = max(64, (1 << 16) // (seq_len + 1))  # ~16 train shards at any seq_len
+            opts = _Options(seq_len, BUILTIN_VAL_FRACTION, shard_samples, 256 << 20, "text", 0, seed, 1)
+            manifest = _build([corpus], staging, "byte", opts)
+            manifest["sources"] = [{"path": corpus.name, "bytes": corpus.stat().st_size}]
+            manifest["builtin"] = builtin
+            _publish(staging, out_dir, manifest)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return manifest
