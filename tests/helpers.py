@@ -1,0 +1,89 @@
+"""Run the trainer's entry points as a user would: in subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+
+def run_module(module: str, args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600):
+    """Run ``python -m module args`` and return the CompletedProcess (text output captured)."""
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def torchrun(nproc: int, args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600):
+    """``torchrun --nproc-per-node nproc args`` on this machine (gloo on CPU); args start with
+    ``-m module`` or a script path."""
+    launcher = [
+        "--nnodes",
+        "1",
+        "--nproc-per-node",
+        str(nproc),
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "127.0.0.1:0",
+    ]
+    return run_module(
+        "torch.distributed.run", [*launcher, *args], cwd, env | {"OMP_NUM_THREADS": "1"}, timeout
+    )
+
+
+def read_metrics(run_dir: Path, event: str = "train") -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["event"] == event]
+
+
+def assert_ok(proc: subprocess.CompletedProcess) -> None:
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-5000:]}"
+    )
+
+
+def read_wandb_run(run_dir: Path) -> dict:
+    """The one offline W&B run under run_dir/wandb: its id, config and history rows.
+
+    The .wandb file is a LevelDB-style log (32 KiB blocks, 7-byte record headers) of
+    wandb_internal_pb2.Record messages; wandb 0.31 no longer ships a Python reader for it.
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data, pos, chunks, pending = path.read_bytes(), 7, [], b""
+    assert data.startswith(b":W&B"), path
+    while pos + 7 <= len(data):
+        left = 32768 - pos % 32768
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7]) if left >= 7 else (0, 0, 0)
+        if kind == 0:  # block trailer or zero padding
+            pos += left
+            continue
+        chunk, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
+        pending = chunk if kind in (1, 2) else pending + chunk  # 1 full, 2 first, 3 middle, 4 last
+        if kind in (1, 4):
+            chunks.append(pending)
+    out: dict = {"config": {}, "history": []}
+    for chunk in chunks:
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(chunk)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            out["run_id"] = rec.run.run_id
+            out["config"] |= {i.key: json.loads(i.value_json) for i in rec.run.config.update}
+        elif kind == "config":
+            out["config"] |= {i.key: json.loads(i.value_json) for i in rec.config.update}
+        elif kind == "history":
+            out["history"].append(
+                {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in rec.history.item}
+            )
+    return out

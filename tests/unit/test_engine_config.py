@@ -1,0 +1,98 @@
+"""The generated DeepSpeed config, and the LR schedule DeepSpeed builds from it."""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import pytest
+import torch
+
+from trainer.config import EngineConfig, OptimConfig
+from trainer.engine import deepspeed_config, lr_factor
+
+
+def _ds(engine: EngineConfig, optim: OptimConfig | None = None, **kw) -> dict:
+    args = {"micro_batch_size": 4, "grad_accum_steps": 2, "world_size": 2, "total_steps": 100} | kw
+    return deepspeed_config(engine, optim or OptimConfig(), **args)
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_batch_sizes_and_stage(stage):
+    ds = _ds(EngineConfig(zero_stage=stage))
+    assert ds["train_batch_size"] == 4 * 2 * 2
+    assert ds["train_micro_batch_size_per_gpu"] == 4
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["zero_optimization"]["stage"] == stage
+    assert ds["optimizer"]["params"]["torch_adam"] is True
+
+
+def test_precision_flags():
+    assert _ds(EngineConfig(precision="bf16"))["bf16"]["enabled"]
+    fp16 = _ds(EngineConfig(precision="fp16", initial_scale_power=12))["fp16"]
+    assert fp16["enabled"] and fp16["loss_scale"] == 0 and fp16["initial_scale_power"] == 12
+    fp32 = _ds(EngineConfig())
+    assert not fp32["bf16"]["enabled"] and not fp32["fp16"]["enabled"]
+
+
+def test_offload_uses_deepspeed_cpu_adam():
+    ds = _ds(EngineConfig(zero_stage=3, offload_optimizer=True, offload_params=True))
+    zero = ds["zero_optimization"]
+    assert zero["offload_optimizer"]["device"] == "cpu"
+    assert zero["offload_param"]["device"] == "cpu"
+    assert ds["optimizer"]["params"]["torch_adam"] is False
+
+
+def test_optimizer_and_clipping_follow_optim_section():
+    optim = OptimConfig(lr=2e-4, betas=[0.8, 0.9], weight_decay=0.05, grad_clip=0.5)
+    ds = _ds(EngineConfig(), optim)
+    params = ds["optimizer"]["params"]
+    assert ds["optimizer"]["type"] == "AdamW"
+    assert (params["lr"], params["betas"], params["weight_decay"]) == (2e-4, [0.8, 0.9], 0.05)
+    assert ds["gradient_clipping"] == 0.5
+
+
+def test_raw_deepspeed_keys_merge_last_and_deep():
+    engine = EngineConfig(zero_stage=2, ds_config={"zero_optimization": {"reduce_bucket_size": 123}, "x": 1})
+    ds = _ds(engine)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 123
+    assert ds["zero_optimization"]["stage"] == 2  # sibling keys survive the merge
+    assert ds["x"] == 1
+    assert "reduce_bucket_size" not in _ds(EngineConfig(zero_stage=2))["zero_optimization"]
+
+
+def _lrs(optim: OptimConfig, total: int) -> list[float]:
+    """The lr applied at each optimizer step by the schedule build_engine installs."""
+    factor = partial(
+        lr_factor, warmup_steps=optim.warmup_steps, total_steps=total, min_ratio=optim.min_lr_ratio
+    )
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=optim.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    lrs = []
+    for _ in range(total):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return lrs
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    optim = OptimConfig(lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    lrs = _lrs(optim, 100)
+    assert lrs[0] == pytest.approx(1e-3 / 11), "the first step already learns"
+    warm = lrs[:11]
+    assert all(a < b for a, b in zip(warm, warm[1:])), "warmup must increase"
+    assert lrs[10] == pytest.approx(1e-3)
+    decay = lrs[10:]
+    assert all(a >= b for a, b in zip(decay, decay[1:])), "cosine must not increase"
+    assert min(decay) >= 1e-4 - 1e-12
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.01)
+    assert lrs[55] == pytest.approx(1e-4 + 0.9e-3 * (1 + math.cos(math.pi * 45 / 90)) / 2)
+
+
+def test_schedule_holds_the_floor_past_the_end():
+    optim = OptimConfig(lr=1e-3, warmup_steps=0, min_lr_ratio=0.2)
+    lrs = _lrs(optim, 80)
+    assert lrs[0] == pytest.approx(1e-3), "no warmup: start at the peak"
+    factor = lr_factor(500, warmup_steps=0, total_steps=80, min_ratio=0.2)
+    assert factor == pytest.approx(0.2)

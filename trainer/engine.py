@@ -1,0 +1,125 @@
+"""The one seam to DeepSpeed: the DeepSpeed config is generated here from the typed config.
+
+There is no hand-maintained DeepSpeed JSON beside the Hydra config; raw DeepSpeed keys a
+user needs go through ``engine.ds_config`` and are merged last.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+from typing import Any
+
+import torch
+
+from trainer.config import EngineConfig, OptimConfig
+from trainer.model import optimizer_groups
+
+
+def deepspeed_config(
+    engine: EngineConfig,
+    optim: OptimConfig,
+    *,
+    micro_batch_size: int,
+    grad_accum_steps: int,
+    world_size: int,
+    total_steps: int,
+) -> dict[str, Any]:
+    """The DeepSpeed config dict for this run (batch sizes, ZeRO, precision, AdamW, schedule)."""
+    offload = engine.offload_optimizer
+    ds: dict[str, Any] = {
+        "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
+        "train_micro_batch_size_per_gpu": micro_batch_size,
+        "gradient_accumulation_steps": grad_accum_steps,
+        "gradient_clipping": optim.grad_clip,
+        "steps_per_print": 2**31 - 1,  # we log ourselves
+        "wall_clock_breakdown": False,
+        "zero_optimization": _zero_section(engine),
+        "bf16": {"enabled": engine.precision == "bf16"},
+        "fp16": {
+            "enabled": engine.precision == "fp16",
+            "loss_scale": engine.loss_scale,
+            "initial_scale_power": engine.initial_scale_power,
+            "loss_scale_window": 1000,
+            "hysteresis": 2,
+            "min_loss_scale": 1,
+        },
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": optim.lr,
+                "betas": list(optim.betas),
+                "eps": optim.eps,
+                "weight_decay": optim.weight_decay,  # per-group values from optimizer_groups win
+                # torch's AdamW runs on every accelerator; ZeRO-Offload needs DeepSpeed's CPU Adam.
+                "torch_adam": not offload,
+            },
+        },
+    }
+    return _deep_merge(ds, engine.ds_config)
+
+
+def _zero_section(engine: EngineConfig) -> dict[str, Any]:
+    zero: dict[str, Any] = {"stage": engine.zero_stage}
+    if engine.zero_stage >= 1:
+        zero |= {"overlap_comm": engine.zero_stage >= 2, "contiguous_gradients": True}
+    if engine.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if engine.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if engine.zero_stage == 3:
+        # Gather the full weights into one file at save time so export needs no conversion.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return zero
+
+
+def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Multiplier of the peak lr at optimizer step `step` (0-based): linear warmup, cosine to a floor.
+
+    Not DeepSpeed's WarmupCosineLR: that one applies lr=0 on the first two steps.
+    """
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optim: OptimConfig, total_steps: int):
+    """Wrap the model in a DeepSpeed engine; returns the engine (optimizer and LR schedule inside)."""
+    import deepspeed
+
+    factor = functools.partial(
+        lr_factor, warmup_steps=optim.warmup_steps, total_steps=total_steps, min_ratio=optim.min_lr_ratio
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=optimizer_groups(model, optim.weight_decay),
+        # A callable, so the schedule wraps DeepSpeed's own (possibly ZeRO-partitioned) optimizer;
+        # DeepSpeed steps it at each accumulation boundary and saves it in checkpoints.
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
+        config=ds_config,
+    )
+    return engine
+
+
+def current_lr(engine) -> float:
+    return float(engine.get_lr()[0])
+
+
+def grad_norm(engine) -> float | None:
+    """The global gradient norm DeepSpeed computed for the last step (before clipping)."""
+    norm = engine.get_global_grad_norm()
+    if norm is None:
+        return None
+    return float(norm.item() if torch.is_tensor(norm) else norm)

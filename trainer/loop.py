@@ -1,0 +1,219 @@
+"""The training loop, in execution order: build, resume, then step / log / eval / save until done."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from trainer import checkpoint
+from trainer.config import ConfigError, DataConfig, ModelConfig, TrainConfig
+from trainer.data import load_manifest, prepare_builtin
+from trainer.data.loader import ShardLoader
+from trainer.distributed import DistInfo, all_reduce_mean, barrier
+from trainer.engine import build_engine, current_lr, deepspeed_config, grad_norm
+from trainer.metrics import MetricsSink, Throughput, start_wandb
+from trainer.model import GPT
+
+log = logging.getLogger("trainer")
+
+
+@dataclass
+class TrainState:
+    """What the loop itself must remember across a restart (the engine and loader keep their own)."""
+
+    step: int = 0
+    tokens: int = 0
+    wandb_id: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        self.step, self.tokens, self.wandb_id = d["step"], d["tokens"], d.get("wandb_id")
+
+
+@dataclass
+class Data:
+    train: ShardLoader
+    val: ShardLoader
+    vocab_size: int
+
+
+def build_data(cfg: DataConfig, global_batch_size: int, dist: DistInfo) -> Data:
+    """Open the dataset (preparing the built-in corpus first if asked) and its two loaders."""
+    path = Path(cfg.path)
+    if cfg.builtin:
+        if dist.local_rank == 0:  # one writer per node; idempotent, and locked against other nodes
+            prepare_builtin(path, seq_len=cfg.seq_len)
+        barrier()
+    manifest = load_manifest(path)
+    if manifest["seq_len"] != cfg.seq_len:
+        raise ConfigError(
+            f"data.seq_len={cfg.seq_len} but {path}/manifest.json was prepared with seq_len="
+            f"{manifest['seq_len']}: set data.seq_len={manifest['seq_len']} or prepare the data again"
+        )
+
+    def loader(split: str, infinite: bool) -> ShardLoader:
+        return ShardLoader(
+            path,
+            split,
+            global_batch_size,
+            dist.rank,
+            dist.world_size,
+            seed=cfg.seed,
+            shuffle_window=cfg.shuffle_window,
+            infinite=infinite,
+            verify=cfg.verify_shards,
+        )
+
+    return Data(loader("train", True), loader("val", False), manifest["tokenizer"]["vocab_size"])
+
+
+def resolve_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
+    """The model's vocabulary comes from the tokenizer (the model pads it to model.pad_vocab_to)."""
+    if cfg.vocab_size is None:
+        return dataclasses.replace(cfg, vocab_size=tokenizer_vocab)
+    if cfg.vocab_size < tokenizer_vocab:
+        raise ConfigError(
+            f"model.vocab_size={cfg.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} ids: "
+            "raise model.vocab_size or set it to null to take it from the data"
+        )
+    return cfg
+
+
+@dataclass
+class Run:
+    """Everything built for one run; `fit` drives it."""
+
+    cfg: TrainConfig
+    dist: DistInfo
+    engine: Any
+    data: Data
+    state: TrainState
+    total_steps: int
+
+
+def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
+    """Data, model, engine, then the newest checkpoint (if resuming): ready to step."""
+    torch.manual_seed(cfg.seed)
+    data = build_data(cfg.data, cfg.global_batch_size, dist)
+    model = GPT(resolve_vocab(cfg.model, data.vocab_size))
+    total_steps = cfg.total_steps()
+    ds_cfg = deepspeed_config(
+        cfg.engine,
+        cfg.optim,
+        micro_batch_size=cfg.micro_batch_size,
+        grad_accum_steps=cfg.grad_accum_steps(dist.world_size),
+        world_size=dist.world_size,
+        total_steps=total_steps,
+    )
+    engine = build_engine(model, ds_cfg, cfg.optim, total_steps)
+    state = TrainState()
+    step_dir = checkpoint.resume_dir(cfg.checkpoint, Path(cfg.run_dir))
+    if step_dir is not None:
+        saved = checkpoint.load(engine, step_dir, dist)
+        state.load_state_dict(saved["trainer"])
+        data.train.load_state_dict(saved["loader"])
+        log.info("resumed from %s at step %d", step_dir, state.step)
+    return Run(cfg, dist, engine, data, state, total_steps)
+
+
+def train(cfg: TrainConfig, dist: DistInfo, resolved_config: dict[str, Any]) -> Run:
+    """Run (or continue) the training run described by ``cfg``."""
+    run = build_run(cfg, dist)
+    wandb_run = None
+    if dist.is_main:
+        wandb_run = start_wandb(cfg.logger, cfg.name, Path(cfg.run_dir), resolved_config, run.state.wandb_id)
+        run.state.wandb_id = wandb_run.id if wandb_run is not None else None
+    sink = MetricsSink(Path(cfg.run_dir) if dist.is_main else None, wandb_run)
+    try:
+        if run.state.step >= run.total_steps:
+            log.info("run already complete at step %d of %d; nothing to do", run.state.step, run.total_steps)
+        else:
+            fit(run, sink)
+    finally:
+        sink.close()
+    return run
+
+
+def fit(run: Run, sink: MetricsSink) -> None:
+    """Step until total_steps: fetch, forward/backward/step, then log / eval / save when due."""
+    cfg, state = run.cfg, run.state
+    batches = iter(run.data.train)
+    meter = Throughput(cfg.tokens_per_step())
+    losses: list[torch.Tensor] = []
+    run.engine.train()
+    while state.step < run.total_steps:
+        t0 = time.perf_counter()
+        batch = next(batches)
+        meter.step(data_wait_s=time.perf_counter() - t0)
+        losses.append(train_step(run.engine, batch, cfg.micro_batch_size, run.dist.device))
+        state.step += 1
+        state.tokens += cfg.tokens_per_step()
+
+        last = state.step == run.total_steps
+        if state.step % cfg.log_every == 0 or last:
+            log_train(run, sink, losses, meter)
+            losses.clear()
+        if cfg.eval_every and (state.step % cfg.eval_every == 0 or last):
+            val_loss = evaluate(
+                run.engine, run.data.val, cfg.micro_batch_size, cfg.eval_batches, run.dist.device
+            )
+            sink.log({"event": "eval", "step": state.step, "tokens": state.tokens, "val_loss": val_loss})
+        every = cfg.checkpoint.every_steps
+        if (every and state.step % every == 0) or (last and cfg.checkpoint.save_final):
+            saved = {"trainer": state.state_dict(), "loader": run.data.train.state_dict()}
+            checkpoint.save(run.engine, Path(cfg.run_dir), state.step, saved, run.dist)
+
+
+def log_train(run: Run, sink: MetricsSink, losses: list[torch.Tensor], meter: Throughput) -> None:
+    """One train event: the loss averaged over the steps since the last log and over all ranks."""
+    loss = torch.stack(losses).mean().item()  # the only host sync of the window
+    (loss,) = all_reduce_mean([loss])
+    event = {"event": "train", "step": run.state.step, "total_steps": run.total_steps}
+    event |= {"tokens": run.state.tokens, "loss": loss, "lr": current_lr(run.engine)}
+    event |= {"grad_norm": grad_norm(run.engine), **meter.report(run.total_steps - run.state.step)}
+    sink.log(event)
+
+
+def train_step(engine, batch: dict[str, torch.Tensor], micro: int, device: torch.device) -> torch.Tensor:
+    """One optimizer step over this rank's slice of the global batch, in micro-batches.
+
+    DeepSpeed scales each micro-batch loss by 1/accumulation steps and steps the optimizer
+    (and LR schedule) only at the accumulation boundary. Returns the mean loss, unsynced.
+    """
+    losses = []
+    for x, y in _micro_batches(batch, micro, device):
+        _, loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        losses.append(loss.detach())
+    return torch.stack(losses).mean()
+
+
+@torch.no_grad()
+def evaluate(engine, val: ShardLoader, micro: int, max_batches: int, device: torch.device) -> float:
+    """Mean validation loss over the first `max_batches` global batches (same data every time)."""
+    engine.eval()
+    losses = []
+    for i, batch in enumerate(val):
+        if i == max_batches:
+            break
+        losses += [engine(x, y)[1] for x, y in _micro_batches(batch, micro, device)]
+    engine.train()
+    if not losses:
+        raise ConfigError("the validation split holds less than one global batch: lower global_batch_size")
+    (mean,) = all_reduce_mean([torch.stack(losses).mean().item()])
+    return mean
+
+
+def _micro_batches(batch: dict[str, torch.Tensor], micro: int, device: torch.device) -> Iterator[tuple]:
+    x, y = batch["input_ids"], batch["labels"]  # [G/W, T] each
+    for i in range(0, x.shape[0], micro):
+        yield x[i : i + micro].to(device, non_blocking=True), y[i : i + micro].to(device, non_blocking=True)

@@ -1,0 +1,94 @@
+"""Entry point: ``python -m trainer.train [overrides]`` (or ``trainer-train``, or under torchrun).
+
+Compose the Hydra config, validate it into typed dataclasses once, share rank 0's resolved
+copy with every rank through the run directory, then hand each builder its section.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from trainer.config import ConfigError, TrainConfig, register_configs
+
+
+def config_dir() -> str:
+    """configs/ of a checkout (editable install) or trainer/configs inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "configs", here / "configs"):
+        if (candidate / "train.yaml").is_file():
+            return str(candidate)
+    raise FileNotFoundError(f"no configs/train.yaml next to {here}: reinstall the trainer package")
+
+
+def to_typed(cfg: DictConfig) -> TrainConfig:
+    """DictConfig -> TrainConfig; every ``__post_init__`` check runs here, before anything is built."""
+    cfg = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))  # drop Hydra's own node
+    typed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TrainConfig), cfg))
+    assert isinstance(typed, TrainConfig)
+    return typed
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Every rank checks the run dir up front, so a bad path fails on all ranks, never hangs one."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        msg = f"run_dir={run_dir} is not writable ({e.strerror}): set run_dir to a writable path"
+        raise ConfigError(msg) from None
+
+
+def share_config(cfg: DictConfig, run_dir: Path, is_main: bool) -> dict[str, Any]:
+    """Rank 0 writes the resolved config once; every rank then reads that same file."""
+    from trainer.distributed import barrier
+
+    path = run_dir / "config.yaml"
+    if is_main:
+        tmp = path.with_suffix(".yaml.tmp")
+        tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
+        os.replace(tmp, path)
+    barrier()
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
+
+
+def run(cfg: DictConfig) -> None:
+    typed = to_typed(cfg)  # validation errors stop the run here, before any process group
+    prepare_run_dir(Path(typed.run_dir))
+
+    from trainer.distributed import init_distributed
+    from trainer.loop import train
+    from trainer.metrics import setup_console_logging
+
+    dist = init_distributed()
+    setup_console_logging(dist.rank)
+    resolved = share_config(cfg, Path(typed.run_dir), dist.is_main)
+    train(to_typed(OmegaConf.create(resolved)), dist, resolved)
+
+
+@hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
+def _hydra_main(cfg: DictConfig) -> None:
+    from trainer.data import DataError
+
+    try:
+        run(cfg)
+    except (ConfigError, DataError) as e:
+        # One line naming the key or file to change; SystemExit passes through Hydra untouched.
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+def main() -> None:
+    register_configs()
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()
