@@ -1,0 +1,128 @@
+"""Benchmark: the trainer's step through DeepSpeed against a minimal hand-written PyTorch loop.
+
+    python -m trainer.benchmarks.train_throughput [--model tiny] [--steps 40] [--repeats 3]
+
+Both train the same model from the same initial weights on the same batches (taken from the
+built-in corpus up front, so data loading is not part of either figure) with the same AdamW,
+schedule, clipping and micro-batching. The two alternate, `--repeats` times each, so machine
+noise hits both alike; the figure is the median tokens/s of each and their ratio (target >= 0.95).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import time
+
+import torch
+from hydra import compose, initialize_config_dir
+
+from trainer.config import TrainConfig, register_configs
+from trainer.distributed import DistInfo, init_distributed
+from trainer.engine import build_engine, deepspeed_config, lr_factor
+from trainer.loop import build_data, resolve_vocab, train_step
+from trainer.model import GPT, num_params, optimizer_groups
+from trainer.train import config_dir, to_typed
+
+
+def load_config(overrides: list[str]) -> TrainConfig:
+    register_configs()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return to_typed(compose(config_name="train", overrides=overrides))
+
+
+def plain_loop(cfg: TrainConfig, model: torch.nn.Module, batches: list[dict], warmup: int) -> float:
+    """The reference: what one writes by hand for the same training step. Returns tokens/s."""
+    opt = torch.optim.AdamW(
+        optimizer_groups(model, cfg.optim.weight_decay),
+        lr=cfg.optim.lr,
+        betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps,
+    )
+    factor = functools.partial(
+        lr_factor,
+        warmup_steps=cfg.optim.warmup_steps,
+        total_steps=len(batches),
+        min_ratio=cfg.optim.min_lr_ratio,
+    )
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    micro = cfg.micro_batch_size
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            start = time.perf_counter()
+        x, y = batch["input_ids"], batch["labels"]
+        accum = x.shape[0] // micro
+        for j in range(0, x.shape[0], micro):
+            _, loss = model(x[j : j + micro], y[j : j + micro])
+            (loss / accum).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return (len(batches) - warmup) * cfg.tokens_per_step() / (time.perf_counter() - start)
+
+
+def trainer_loop(
+    cfg: TrainConfig, model: torch.nn.Module, batches: list[dict], warmup: int, dist: DistInfo
+) -> float:
+    """The trainer's own step function on a DeepSpeed engine built from the same config."""
+    ds_cfg = deepspeed_config(
+        cfg.engine,
+        cfg.optim,
+        micro_batch_size=cfg.micro_batch_size,
+        grad_accum_steps=cfg.grad_accum_steps(1),
+        world_size=1,
+        total_steps=len(batches),
+    )
+    engine = build_engine(model, ds_cfg, cfg.optim, len(batches))
+    engine.train()
+    for i, batch in enumerate(batches):
+        if i == warmup:
+            start = time.perf_counter()
+        loss = train_step(engine, batch, cfg.micro_batch_size, dist.device)
+    loss.item()  # wait for the last step on an accelerator
+    return (len(batches) - warmup) * cfg.tokens_per_step() / (time.perf_counter() - start)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=40, help="timed steps per measurement")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny engine=zero2")
+    args = p.parse_args()
+    os.environ.setdefault("WORLD_SIZE", "1")
+    cfg = load_config(args.overrides)
+    dist = init_distributed()
+    data = build_data(cfg.data, cfg.global_batch_size, dist)
+    model_cfg = resolve_vocab(cfg.model, data.vocab_size)
+    it = iter(data.train)
+    batches = [next(it) for _ in range(args.warmup + args.steps)]
+    torch.manual_seed(cfg.seed)
+    init_state = GPT(model_cfg).state_dict()
+
+    def fresh_model() -> torch.nn.Module:
+        model = GPT(model_cfg)
+        model.load_state_dict(init_state)
+        return model.to(dist.device)
+
+    plain, ours = [], []
+    for _ in range(args.repeats):
+        plain.append(plain_loop(cfg, fresh_model(), batches, args.warmup))
+        ours.append(trainer_loop(cfg, fresh_model(), batches, args.warmup, dist))
+    p_med, o_med = statistics.median(plain), statistics.median(ours)
+    m = cfg.model
+    print(
+        f"model: {m.n_layer} layers x d_model {m.d_model}, {num_params(model_cfg):,} params | "
+        f"ZeRO-{cfg.engine.zero_stage} {cfg.engine.precision} | {cfg.tokens_per_step()} tokens/step | "
+        f"{torch.get_num_threads()} threads on {dist.device}"
+    )
+    print(f"plain PyTorch loop : {p_med:10,.0f} tokens/s  (runs: {', '.join(f'{v:,.0f}' for v in plain)})")
+    print(f"trainer (DeepSpeed): {o_med:10,.0f} tokens/s  (runs: {', '.join(f'{v:,.0f}' for v in ours)})")
+    print(f"ratio trainer/plain: {o_med / p_med:.3f}  (target >= 0.95)")
+
+
+if __name__ == "__main__":
+    main()
