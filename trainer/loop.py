@@ -7,14 +7,13 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 
 from trainer import checkpoint
-from trainer.config import ConfigError, DataConfig, ModelConfig, TrainConfig
-from trainer.data import load_manifest, prepare_builtin
-from trainer.data.loader import ShardLoader
+from trainer.config import ConfigError, ModelConfig, TrainConfig
+from trainer.data.build import Data, build_data
 from trainer.distributed import DistInfo, all_reduce_mean, barrier
 from trainer.engine import build_engine, current_lr, deepspeed_config, grad_norm
 from trainer.metrics import MetricsSink, Throughput, start_wandb
@@ -36,43 +35,6 @@ class TrainState:
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.step, self.tokens, self.wandb_id = d["step"], d["tokens"], d.get("wandb_id")
-
-
-@dataclass
-class Data:
-    train: ShardLoader
-    val: ShardLoader
-    vocab_size: int
-
-
-def build_data(cfg: DataConfig, global_batch_size: int, dist: DistInfo) -> Data:
-    """Open the dataset (preparing the built-in corpus first if asked) and its two loaders."""
-    path = Path(cfg.path)
-    if cfg.builtin:
-        if dist.local_rank == 0:  # one writer per node; idempotent, and locked against other nodes
-            prepare_builtin(path, seq_len=cfg.seq_len)
-        barrier()
-    manifest = load_manifest(path)
-    if manifest["seq_len"] != cfg.seq_len:
-        raise ConfigError(
-            f"data.seq_len={cfg.seq_len} but {path}/manifest.json was prepared with seq_len="
-            f"{manifest['seq_len']}: set data.seq_len={manifest['seq_len']} or prepare the data again"
-        )
-
-    def loader(split: str, infinite: bool) -> ShardLoader:
-        return ShardLoader(
-            path,
-            split,
-            global_batch_size,
-            dist.rank,
-            dist.world_size,
-            seed=cfg.seed,
-            shuffle_window=cfg.shuffle_window,
-            infinite=infinite,
-            verify=cfg.verify_shards,
-        )
-
-    return Data(loader("train", True), loader("val", False), manifest["tokenizer"]["vocab_size"])
 
 
 def resolve_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
@@ -102,7 +64,7 @@ class Run:
 def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
     """Data, model, engine, then the newest checkpoint (if resuming): ready to step."""
     torch.manual_seed(cfg.seed)
-    data = build_data(cfg.data, cfg.global_batch_size, dist)
+    data = build_data(cfg.data, cfg.global_batch_size, dist.rank, dist.world_size, dist.local_rank, barrier)
     model = GPT(resolve_vocab(cfg.model, data.vocab_size))
     total_steps = cfg.total_steps()
     ds_cfg = deepspeed_config(
@@ -179,6 +141,7 @@ def log_train(run: Run, sink: MetricsSink, losses: list[torch.Tensor], meter: Th
     event = {"event": "train", "step": run.state.step, "total_steps": run.total_steps}
     event |= {"tokens": run.state.tokens, "loss": loss, "lr": current_lr(run.engine)}
     event |= {"grad_norm": grad_norm(run.engine), **meter.report(run.total_steps - run.state.step)}
+    event |= run.data.train.stats()
     sink.log(event)
 
 
@@ -198,7 +161,9 @@ def train_step(engine, batch: dict[str, torch.Tensor], micro: int, device: torch
 
 
 @torch.no_grad()
-def evaluate(engine, val: ShardLoader, micro: int, max_batches: int, device: torch.device) -> float:
+def evaluate(
+    engine, val: Iterable[dict[str, torch.Tensor]], micro: int, max_batches: int, device: torch.device
+) -> float:
     """Mean validation loss over the first `max_batches` global batches (same data every time)."""
     engine.eval()
     losses = []

@@ -21,9 +21,10 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from trainer.config import TrainConfig, register_configs
-from trainer.distributed import DistInfo, init_distributed
+from trainer.data.build import build_data
+from trainer.distributed import DistInfo, barrier, init_distributed
 from trainer.engine import build_engine, deepspeed_config, lr_factor
-from trainer.loop import build_data, resolve_vocab, train_step
+from trainer.loop import resolve_vocab, train_step
 from trainer.model import GPT, num_params, optimizer_groups
 from trainer.train import config_dir, to_typed
 
@@ -97,7 +98,7 @@ def main() -> None:
     os.environ.setdefault("WORLD_SIZE", "1")
     cfg = load_config(args.overrides)
     dist = init_distributed()
-    data = build_data(cfg.data, cfg.global_batch_size, dist)
+    data = build_data(cfg.data, cfg.global_batch_size, dist.rank, dist.world_size, dist.local_rank, barrier)
     model_cfg = resolve_vocab(cfg.model, data.vocab_size)
     it = iter(data.train)
     batches = [next(it) for _ in range(args.warmup + args.steps)]

@@ -254,6 +254,10 @@ class ShardLoader:
         self._active: _LoaderIterator | None = None
         self.shard_reads: Counter[str] = Counter()  # times each shard was read (observability, tests)
 
+    def stats(self) -> dict[str, float]:
+        """Counters for the trainer's metrics (merged into every train log event)."""
+        return {}
+
     def __len__(self) -> int:
         """Global batches in one epoch (whole batches only)."""
         return self.num_samples // self.global_batch_size
