@@ -1,8 +1,20 @@
 """Run-level checkpoints: DeepSpeed's sharded engine state plus the trainer's own state.
 
-Layout: ``<run_dir>/checkpoints/step-<N>/`` holds DeepSpeed's files, ``trainer_state.json``
-(step, tokens, loader position, W&B id) and one ``rng-rank<r>.pt`` per rank;
-``<run_dir>/checkpoints/latest`` names the newest step directory and is written last.
+Layout of ``<run_dir>/checkpoints/``:
+
+    step-<N>/               DeepSpeed's files (one optimizer shard per rank under ZeRO),
+                            trainer_state.json (step, tokens, loader position, W&B id, world size),
+                            rng-rank<r>.pt, and COMPLETE, written last
+    step-<N>.partial/       a save in progress (or one that died): never resumed from
+    latest                  the newest complete step directory's name (for people and tools)
+
+A save writes into ``step-<N>.partial``; once every rank has finished, rank 0 writes
+``COMPLETE``, renames the directory to ``step-<N>``, then moves ``latest`` and deletes the
+oldest complete checkpoints beyond ``keep_last``. Killing any process at any moment leaves
+the previous complete checkpoint as the newest one that resume finds.
+
+Loading: our own files load with ``weights_only=True``. DeepSpeed's shards are pickles that
+DeepSpeed itself loads (with ``weights_only=False``): only resume from checkpoints you trust.
 """
 
 from __future__ import annotations
@@ -10,6 +22,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
+import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -20,56 +37,122 @@ from trainer.distributed import DistInfo, barrier
 
 log = logging.getLogger("trainer")
 
+COMPLETE = "COMPLETE"
+STATE = "trainer_state.json"
+UNIVERSAL = "universal"  # DeepSpeed's world-size-independent form, converted on demand
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RuntimeError):
+    """A save that could not complete; the message names the checkpoint that is still good."""
+
 
 def checkpoint_root(run_dir: Path) -> Path:
     return run_dir / "checkpoints"
 
 
-def save(engine, run_dir: Path, step: int, trainer_state: dict[str, Any], dist: DistInfo) -> Path:
-    """Save every rank's shard and the trainer state; DeepSpeed moves `latest` after all ranks wrote."""
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete step directories, oldest first."""
+    found = [(int(m.group(1)), p) for p in root.glob("step-*") if (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found) if (p / COMPLETE).is_file()]
+
+
+def save(
+    engine, run_dir: Path, step: int, trainer_state: dict[str, Any], dist: DistInfo, keep_last: int
+) -> float:
+    """Save every rank's shard and the trainer state, crash-safely; returns seconds it blocked."""
+    t0 = time.perf_counter()
     root = checkpoint_root(run_dir)
-    step_dir = root / f"step-{step}"
-    step_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(_rng_state(), step_dir / f"rng-rank{dist.rank}.pt")
+    final, partial = root / f"step-{step}", root / f"step-{step}.partial"
+    if (final / COMPLETE).is_file():  # e.g. a signal right after the periodic save of this step
+        return 0.0
     if dist.is_main:
-        _write_json(step_dir / "trainer_state.json", trainer_state)
+        shutil.rmtree(partial, ignore_errors=True)  # left by a save that died
+        partial.mkdir(parents=True)
     barrier()
-    # DeepSpeed writes its shards, then `latest` (rank 0), then synchronises the ranks.
-    engine.save_checkpoint(str(root), tag=step_dir.name)
-    return step_dir
+    try:
+        torch.save(_rng_state(), partial / f"rng-rank{dist.rank}.pt")
+        if dist.is_main:
+            _write_json(partial / STATE, trainer_state | {"world_size": dist.world_size})
+        # DeepSpeed writes its shards and synchronises the ranks; `latest` is ours to move.
+        client = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+        engine.save_checkpoint(str(root), tag=partial.name, client_state=client, save_latest=False)
+        if dist.is_main:
+            _fsync_tree(partial)
+            _write_json(partial / COMPLETE, {"step": step, "time": time.time()})
+            os.replace(partial, final)
+            _write_text(root / "latest", final.name)
+            _prune(root, keep_last)
+    except OSError as e:
+        good = complete_checkpoints(root)
+        intact = f"{good[-1]} is intact" if good else "there is no earlier checkpoint"
+        raise CheckpointError(f"saving {final} failed on rank {dist.rank} ({e}); {intact}") from None
+    barrier()
+    return time.perf_counter() - t0
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    for old in complete_checkpoints(root)[:-keep_last]:
+        shutil.rmtree(old)
+    for stale in root.glob("step-*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)  # only rank 0 saves, and it just finished
 
 
 def resume_dir(cfg: CheckpointConfig, run_dir: Path) -> Path | None:
-    """The step directory to resume from, or None to start fresh."""
+    """The complete step directory to resume from, or None to start fresh."""
     if cfg.resume == "none":
         return None
     if cfg.resume != "auto":
         path = Path(cfg.resume)
-        if not (path / "trainer_state.json").is_file():
+        if not (path / COMPLETE).is_file() or not (path / STATE).is_file():
             raise ConfigError(
-                f"checkpoint.resume={cfg.resume} is not a checkpoint step directory "
-                "(no trainer_state.json): point it at <run_dir>/checkpoints/step-<N>"
+                f"checkpoint.resume={cfg.resume} is not a complete checkpoint (no {COMPLETE} and {STATE}): "
+                "point it at <run_dir>/checkpoints/step-<N>"
             )
         return path
-    latest = checkpoint_root(run_dir) / "latest"
-    if not latest.is_file():
-        return None
-    step_dir = latest.parent / latest.read_text().strip()
-    if not (step_dir / "trainer_state.json").is_file():
-        log.warning("checkpoint %s named by %s is incomplete; starting fresh", step_dir, latest)
-        return None
-    return step_dir
+    root = checkpoint_root(run_dir)
+    complete = complete_checkpoints(root)
+    newest = int(_STEP_DIR.match(complete[-1].name).group(1)) if complete else -1
+    for p in sorted(root.glob("step-*")):
+        m = _STEP_DIR.match(p.name)
+        if p not in complete and (m is None or int(m.group(1)) > newest):
+            log.warning("skipping incomplete checkpoint %s (its save did not finish)", p)
+    return complete[-1] if complete else None
 
 
-def load(engine, step_dir: Path, dist: DistInfo) -> dict[str, Any]:
+def saved_world_size(step_dir: Path) -> int:
+    return json.loads((step_dir / STATE).read_text())["world_size"]
+
+
+def universal_dir(step_dir: Path, dist: DistInfo) -> Path:
+    """DeepSpeed's universal form of a checkpoint (any world size); converted once, by rank 0."""
+    out = step_dir / UNIVERSAL
+    if dist.is_main and not (out / COMPLETE).is_file():
+        log.info("converting %s to a universal checkpoint for world size %d", step_dir, dist.world_size)
+        tmp = step_dir / f"{UNIVERSAL}.partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(step_dir)]
+        cmd += ["--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode:
+            tail = proc.stderr.strip().splitlines()[-1:] or ["no output"]
+            raise CheckpointError(f"converting {step_dir} to a universal checkpoint failed: {tail[0]}")
+        _write_json(tmp / COMPLETE, {"from": str(step_dir)})
+        os.replace(tmp, out)
+    barrier()
+    return out
+
+
+def load(engine, step_dir: Path, dist: DistInfo, universal: bool = False) -> dict[str, Any]:
     """Restore engine (weights, optimizer, LR schedule) and this rank's RNG; return the trainer state."""
-    path, _ = engine.load_checkpoint(str(step_dir.parent), tag=step_dir.name)
+    load_dir, tag = (step_dir, UNIVERSAL) if universal else (step_dir.parent, step_dir.name)
+    path, _ = engine.load_checkpoint(str(load_dir), tag=tag)
     if path is None:
         raise ConfigError(f"checkpoint.resume: DeepSpeed found no engine state in {step_dir}")
     rng = step_dir / f"rng-rank{dist.rank}.pt"
-    if rng.is_file():  # absent when the world size grew; the data order does not depend on it
+    if rng.is_file():  # absent for ranks a grown world did not have; dropout then draws anew
         _set_rng_state(torch.load(rng, weights_only=True))
-    return json.loads((step_dir / "trainer_state.json").read_text())
+    return json.loads((step_dir / STATE).read_text())
 
 
 def _rng_state() -> dict[str, torch.Tensor]:
@@ -85,7 +168,26 @@ def _set_rng_state(state: dict[str, torch.Tensor]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)  # readers never see a half-written file
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    _write_text(path, json.dumps(obj, indent=2))
+
+
+def _fsync_tree(directory: Path) -> None:
+    """Make the shards durable before COMPLETE claims they are (a crash of the machine, not just
+    of the process, must not leave a COMPLETE checkpoint with missing data)."""
+    for path in directory.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

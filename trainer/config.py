@@ -168,12 +168,36 @@ class LoggerConfig:
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0  # 0: only at the end of the run
+    every_steps: int = 0  # 0: not by step count
+    every_minutes: float = 0.0  # 0: not by wall-clock time
+    keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a new one completes
     save_final: bool = True
-    resume: str = "auto"  # auto (newest in run_dir) | none | <path to a step directory>
+    resume: str = "auto"  # auto (newest complete one in run_dir) | none | <path to a step directory>
 
     def __post_init__(self) -> None:
         _positive("checkpoint.every_steps", self.every_steps, allow_zero=True)
+        _positive("checkpoint.every_minutes", self.every_minutes, allow_zero=True)
+        _positive("checkpoint.keep_last", self.keep_last)
+
+
+@dataclass
+class GuardConfig:
+    """What to do with a step whose loss or gradients are non-finite, or whose loss spikes."""
+
+    on_nonfinite: str = "stop"  # stop: clear error, nothing saved | skip: drop the step and go on
+    spike_k: float = 0.0  # > 0: a loss above mean + k*std of the last spike_window steps is a spike
+    spike_window: int = 100
+    on_spike: str = "skip"  # skip | stop
+    inject_nan_at: List[int] = field(default_factory=list)  # fault injection: NaN loss at these steps
+
+    def __post_init__(self) -> None:
+        _one_of("guard.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        _one_of("guard.on_spike", self.on_spike, ("stop", "skip"))
+        _positive("guard.spike_k", self.spike_k, allow_zero=True)
+        _positive("guard.spike_window", self.spike_window)
+
+    def may_skip(self) -> bool:
+        return self.on_nonfinite == "skip" or (self.spike_k > 0 and self.on_spike == "skip")
 
 
 @dataclass
@@ -194,6 +218,7 @@ class TrainConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "eval_batches"):
@@ -204,6 +229,12 @@ class TrainConfig:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}: "
                 "lower data.seq_len or raise model.max_seq_len"
+            )
+        if self.guard.may_skip() and self.engine.zero_stage == 0 and self.engine.precision != "fp16":
+            # Skipping reuses DeepSpeed's overflow path, which ZeRO-0 has only with fp16.
+            raise ConfigError(
+                "guard.on_nonfinite/on_spike=skip needs engine.zero_stage >= 1 (or fp16): "
+                "raise engine.zero_stage or set the guard to stop"
             )
         self.grad_accum_steps(world_size_from_env())  # fail now, not after the model is built
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -16,13 +17,14 @@ class DistInfo:
     world_size: int
     local_rank: int
     device: torch.device
+    cpu_group: Any = None  # a gloo group for small host-side agreements (signals, timers)
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed(timeout_s: int = 600) -> DistInfo:
+def init_distributed(timeout_s: int = 1800) -> DistInfo:
     """Join the process group torchrun (or SLURM via torchrun) set up; a lone process is rank 0 of 1.
 
     DeepSpeed picks the backend for the accelerator it finds: nccl on GPUs, gloo on CPU.
@@ -40,7 +42,27 @@ def init_distributed(timeout_s: int = 600) -> DistInfo:
         accel.set_device(local_rank)
     deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
     device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    # Flags agreed every step must not wait on the GPU stream: on nccl they go through gloo.
+    cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, cpu_group)
+
+
+def any_rank(flags: list[bool], dist_info: DistInfo) -> list[bool]:
+    """For each flag: is it set on any rank? One small host-side collective for all of them."""
+    if dist_info.world_size == 1:
+        return flags
+    t = torch.tensor(flags, dtype=torch.int32)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=dist_info.cpu_group)
+    return [bool(v) for v in t.tolist()]
+
+
+def gather_to_main(obj: Any, dist_info: DistInfo) -> list[Any] | None:
+    """Every rank's `obj`, in rank order, on rank 0 (None elsewhere). For rare events only."""
+    if dist_info.world_size == 1:
+        return [obj]
+    out = [None] * dist_info.world_size if dist_info.is_main else None
+    dist.gather_object(obj, out, dst=0, group=dist_info.cpu_group)
+    return out
 
 
 def barrier() -> None:

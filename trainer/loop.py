@@ -7,17 +7,19 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 
 from trainer import checkpoint
 from trainer.config import ConfigError, ModelConfig, TrainConfig
 from trainer.data.build import Data, build_data
-from trainer.distributed import DistInfo, all_reduce_mean, barrier
+from trainer.distributed import DistInfo, all_reduce_mean, barrier, gather_to_main
 from trainer.engine import build_engine, current_lr, deepspeed_config, grad_norm
-from trainer.metrics import MetricsSink, Throughput, start_wandb
+from trainer.guard import StepControl, TrainingHalted
+from trainer.metrics import MetricsSink, Throughput, start_wandb, truncate_metrics
 from trainer.model import GPT
+from trainer.signals import Preempted, StopSignal
 
 log = logging.getLogger("trainer")
 
@@ -28,6 +30,7 @@ class TrainState:
 
     step: int = 0
     tokens: int = 0
+    skipped_steps: int = 0
     wandb_id: str | None = None
 
     def state_dict(self) -> dict[str, Any]:
@@ -35,6 +38,7 @@ class TrainState:
 
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.step, self.tokens, self.wandb_id = d["step"], d["tokens"], d.get("wandb_id")
+        self.skipped_steps = d.get("skipped_steps", 0)
 
 
 def resolve_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
@@ -75,11 +79,22 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
         world_size=dist.world_size,
         total_steps=total_steps,
     )
+    step_dir = checkpoint.resume_dir(cfg.checkpoint, Path(cfg.run_dir))
+    # On another world size, ZeRO's partitioned optimizer state goes through DeepSpeed's
+    # universal checkpoint (converted once); unpartitioned ZeRO-0 state loads as it is.
+    universal = (
+        step_dir is not None
+        and cfg.engine.zero_stage > 0
+        and checkpoint.saved_world_size(step_dir) != dist.world_size
+    )
+    if universal:
+        ds_cfg["checkpoint"] = {"load_universal": True}
     engine = build_engine(model, ds_cfg, cfg.optim, total_steps)
     state = TrainState()
-    step_dir = checkpoint.resume_dir(cfg.checkpoint, Path(cfg.run_dir))
     if step_dir is not None:
-        saved = checkpoint.load(engine, step_dir, dist)
+        if universal:
+            checkpoint.universal_dir(step_dir, dist)
+        saved = checkpoint.load(engine, step_dir, dist, universal=universal)
         state.load_state_dict(saved["trainer"])
         data.train.load_state_dict(saved["loader"])
         log.info("resumed from %s at step %d", step_dir, state.step)
@@ -91,6 +106,7 @@ def train(cfg: TrainConfig, dist: DistInfo, resolved_config: dict[str, Any]) -> 
     run = build_run(cfg, dist)
     wandb_run = None
     if dist.is_main:
+        truncate_metrics(Path(cfg.run_dir), run.state.step)  # events past the checkpoint are redone
         wandb_run = start_wandb(cfg.logger, cfg.name, Path(cfg.run_dir), resolved_config, run.state.wandb_id)
         run.state.wandb_id = wandb_run.id if wandb_run is not None else None
     sink = MetricsSink(Path(cfg.run_dir) if dist.is_main else None, wandb_run)
@@ -99,6 +115,9 @@ def train(cfg: TrainConfig, dist: DistInfo, resolved_config: dict[str, Any]) -> 
             log.info("run already complete at step %d of %d; nothing to do", run.state.step, run.total_steps)
         else:
             fit(run, sink)
+    except Preempted:
+        sink.preempting()
+        raise
     finally:
         sink.close()
     return run
@@ -107,17 +126,25 @@ def train(cfg: TrainConfig, dist: DistInfo, resolved_config: dict[str, Any]) -> 
 def fit(run: Run, sink: MetricsSink) -> None:
     """Step until total_steps: fetch, forward/backward/step, then log / eval / save when due."""
     cfg, state = run.cfg, run.state
+    stop = StopSignal().install()
+    control = StepControl(cfg.guard, run.dist, stop, save_every_s=60 * cfg.checkpoint.every_minutes)
     batches = iter(run.data.train)
     meter = Throughput(cfg.tokens_per_step())
-    losses: list[torch.Tensor] = []
+    losses: list[float] = []
     run.engine.train()
     while state.step < run.total_steps:
         t0 = time.perf_counter()
         batch = next(batches)
         meter.step(data_wait_s=time.perf_counter() - t0)
-        losses.append(train_step(run.engine, batch, cfg.micro_batch_size, run.dist.device))
+        control.step = state.step + 1
+        skipped_before = run.engine.skipped_steps
+        train_step(run.engine, batch, cfg.micro_batch_size, run.dist.device, control)
         state.step += 1
         state.tokens += cfg.tokens_per_step()
+        if run.engine.skipped_steps > skipped_before:
+            record_skip(run, sink, control, batch)
+        else:
+            losses.append(control.loss)
 
         last = state.step == run.total_steps
         if state.step % cfg.log_every == 0 or last:
@@ -129,34 +156,79 @@ def fit(run: Run, sink: MetricsSink) -> None:
             )
             sink.log({"event": "eval", "step": state.step, "tokens": state.tokens, "val_loss": val_loss})
         every = cfg.checkpoint.every_steps
-        if (every and state.step % every == 0) or (last and cfg.checkpoint.save_final):
-            saved = {"trainer": state.state_dict(), "loader": run.data.train.state_dict()}
-            checkpoint.save(run.engine, Path(cfg.run_dir), state.step, saved, run.dist)
+        periodic = (every and state.step % every == 0) or control.save_due
+        if periodic or control.stop_requested or (last and cfg.checkpoint.save_final):
+            save_checkpoint(run, sink, control)
+        if control.stop_requested and not last:
+            stop.ignore_further()
+            raise Preempted(f"stopped on request after step {state.step}; a restart resumes from there")
+    # Only now: while stopping, a further signal must meet our handler, not the default action
+    # (which would kill the process and lose the requeue exit code).
+    stop.restore()
 
 
-def log_train(run: Run, sink: MetricsSink, losses: list[torch.Tensor], meter: Throughput) -> None:
-    """One train event: the loss averaged over the steps since the last log and over all ranks."""
-    loss = torch.stack(losses).mean().item()  # the only host sync of the window
-    (loss,) = all_reduce_mean([loss])
+def record_skip(run: Run, sink: MetricsSink, control: StepControl, batch: dict[str, torch.Tensor]) -> None:
+    """DeepSpeed dropped this step (by our request, or on its own for non-finite gradients)."""
+    reason = control.drop_reason
+    if reason is None:
+        if run.cfg.engine.precision == "fp16":
+            reason = "fp16 overflow: loss scale lowered"  # dynamic loss scaling at work, not a fault
+        elif run.cfg.guard.on_nonfinite == "stop":
+            raise TrainingHalted(
+                f"non-finite gradients at step {control.step}: stopped without saving; lower optim.lr, "
+                "or set guard.on_nonfinite=skip to drop such steps"
+            )
+        else:
+            reason = "non-finite gradients"
+    run.state.skipped_steps += 1
+    ids = gather_to_main(batch["sample_ids"].tolist(), run.dist)  # which samples to look at
+    log.warning("step %d dropped: %s", control.step, reason)
+    sample_ids = [i for rank_ids in ids or [] for i in rank_ids]
+    sink.log({"event": "skip", "step": control.step, "reason": reason, "sample_ids": sample_ids})
+
+
+def save_checkpoint(run: Run, sink: MetricsSink, control: StepControl) -> None:
+    state = {"trainer": run.state.state_dict(), "loader": run.data.train.state_dict()}
+    keep = run.cfg.checkpoint.keep_last
+    seconds = checkpoint.save(run.engine, Path(run.cfg.run_dir), run.state.step, state, run.dist, keep)
+    control.saved()
+    sink.log({"event": "checkpoint", "step": run.state.step, "save_s": seconds})
+
+
+def log_train(run: Run, sink: MetricsSink, losses: list[float], meter: Throughput) -> None:
+    """One train event: the loss averaged over the (applied) steps since the last log."""
     event = {"event": "train", "step": run.state.step, "total_steps": run.total_steps}
+    loss = sum(losses) / len(losses) if losses else float("nan")  # already averaged over ranks
     event |= {"tokens": run.state.tokens, "loss": loss, "lr": current_lr(run.engine)}
-    event |= {"grad_norm": grad_norm(run.engine), **meter.report(run.total_steps - run.state.step)}
-    event |= run.data.train.stats()
+    event |= {"grad_norm": grad_norm(run.engine), "skipped_steps": run.state.skipped_steps}
+    event |= meter.report(run.total_steps - run.state.step) | run.data.train.stats()
     sink.log(event)
 
 
-def train_step(engine, batch: dict[str, torch.Tensor], micro: int, device: torch.device) -> torch.Tensor:
+def train_step(
+    engine,
+    batch: dict[str, torch.Tensor],
+    micro: int,
+    device: torch.device,
+    drop: Callable[[torch.Tensor], bool] | None = None,
+) -> torch.Tensor:
     """One optimizer step over this rank's slice of the global batch, in micro-batches.
 
     DeepSpeed scales each micro-batch loss by 1/accumulation steps and steps the optimizer
-    (and LR schedule) only at the accumulation boundary. Returns the mean loss, unsynced.
+    (and LR schedule) only at the accumulation boundary. After the last forward, ``drop``
+    sees the step's mean loss and may veto the update. Returns the mean loss, unsynced.
     """
+    pieces = list(_micro_batches(batch, micro, device))
     losses = []
-    for x, y in _micro_batches(batch, micro, device):
+    for i, (x, y) in enumerate(pieces):
         _, loss = engine(x, y)
+        losses.append(loss.detach())
+        if i == len(pieces) - 1 and drop is not None and drop(torch.stack(losses).mean()):
+            # DeepSpeed drops a step whose gradients are not finite (its overflow path: grads
+            # zeroed, optimizer and LR schedule untouched), so a vetoed step goes that way too.
+            loss = loss * float("nan")
         engine.backward(loss)
         engine.step()
-        losses.append(loss.detach())
     return torch.stack(losses).mean()
 
 

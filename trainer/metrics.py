@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -64,11 +65,29 @@ class MetricsSink:
             except Exception as e:  # a logging outage must never stop training
                 log.warning("W&B logging failed (%s); metrics.jsonl still has every event", e)
 
+    def preempting(self) -> None:
+        """Tell W&B this run stops to be resumed (it shows as preempted, not failed)."""
+        if self._wandb is not None:
+            self._wandb.mark_preempting()
+
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
         if self._wandb is not None:
             self._wandb.finish()
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop events after `step`: a resumed run recomputes them, so each step appears once."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) != len(lines):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
 
 def format_event(e: dict[str, Any]) -> str:
@@ -82,6 +101,10 @@ def format_event(e: dict[str, Any]) -> str:
             f"{e['tokens_per_s']:,.0f} tok/s | data {100 * e['data_wait_frac']:.0f}% | "
             f"eta {_hms(e['eta_s'])}"
         )
+    if e["event"] == "checkpoint":
+        return f"ckpt  step {e['step']:>6} | saved in {e['save_s']:.2f} s"
+    if e["event"] == "skip":
+        return f"skip  step {e['step']:>6} | {e['reason']} | {len(e['sample_ids'])} samples recorded"
     return json.dumps(e)
 
 

@@ -1,5 +1,55 @@
-"""Process exit codes the launchers act on."""
+"""Stop requests from the outside (SLURM preemption, `kill`), and the exit codes launchers act on."""
+
+from __future__ import annotations
+
+import logging
+import signal
+
+log = logging.getLogger("trainer")
 
 # The trainer saved a checkpoint because it was asked to stop (SIGTERM / SIGUSR1) and expects
 # to be started again: slurm/train.sbatch requeues the job on this code and on no other.
 EXIT_REQUEUE = 85
+
+
+class Preempted(Exception):
+    """Raised at a step boundary after the checkpoint was saved; the entry point exits EXIT_REQUEUE."""
+
+
+class StopSignal:
+    """Remembers that SIGTERM or SIGUSR1 arrived; the loop acts on it at the next step boundary.
+
+    The handler only sets a flag: the save happens in the loop, where every rank can agree on
+    it. A second signal while saving is logged and ignored, so it cannot interrupt the save.
+    """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, object] = {}
+
+    def install(self) -> StopSignal:
+        for sig in self.SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def ignore_further(self) -> None:
+        """On the way out after saving: interpreter shutdown resets Python handlers to the default
+        action (terminate), which would turn a late signal into a kill and lose EXIT_REQUEUE.
+        SIG_IGN survives shutdown."""
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_IGN)
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)  # type: ignore[arg-type]
+        self._previous.clear()
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is None:
+            log.warning("got %s: saving a checkpoint at the next step boundary, then exiting",
+                        signal.Signals(signum).name)  # fmt: skip
+            self.received = signum
+        else:
+            log.warning("got %s again: already stopping", signal.Signals(signum).name)

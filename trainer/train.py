@@ -69,20 +69,34 @@ def run(cfg: DictConfig) -> None:
 
     dist = init_distributed()
     setup_console_logging(dist.rank)
-    resolved = share_config(cfg, Path(typed.run_dir), dist.is_main)
-    train(to_typed(OmegaConf.create(resolved)), dist, resolved)
+    try:
+        resolved = share_config(cfg, Path(typed.run_dir), dist.is_main)
+        train(to_typed(OmegaConf.create(resolved)), dist, resolved)
+    finally:
+        import torch.distributed
+
+        torch.distributed.destroy_process_group()
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
+    from trainer.checkpoint import CheckpointError
     from trainer.data import DataError
+    from trainer.guard import TrainingHalted
+    from trainer.signals import EXIT_REQUEUE, Preempted
 
+    # One line naming the key or file to change; SystemExit passes through Hydra untouched.
     try:
         run(cfg)
     except (ConfigError, DataError) as e:
-        # One line naming the key or file to change; SystemExit passes through Hydra untouched.
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except (TrainingHalted, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
+    except Preempted as e:
+        print(f"preempted: {e}", file=sys.stderr)
+        sys.exit(EXIT_REQUEUE)
 
 
 def main() -> None:
