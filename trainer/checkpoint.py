@@ -84,6 +84,8 @@ def save(
             _write_text(root / "latest", final.name)
             _prune(root, keep_last)
     except OSError as e:
+        if dist.is_main:
+            shutil.rmtree(partial, ignore_errors=True)  # give back the space; it was never valid
         good = complete_checkpoints(root)
         intact = f"{good[-1]} is intact" if good else "there is no earlier checkpoint"
         raise CheckpointError(f"saving {final} failed on rank {dist.rank} ({e}); {intact}") from None
