@@ -148,13 +148,29 @@ def universal_dir(step_dir: Path, dist: DistInfo) -> Path:
 def load(engine, step_dir: Path, dist: DistInfo, universal: bool = False) -> dict[str, Any]:
     """Restore engine (weights, optimizer, LR schedule) and this rank's RNG; return the trainer state."""
     load_dir, tag = (step_dir, UNIVERSAL) if universal else (step_dir.parent, step_dir.name)
+    groups = _group_hyperparameters(engine)
     path, _ = engine.load_checkpoint(str(load_dir), tag=tag)
     if path is None:
         raise ConfigError(f"checkpoint.resume: DeepSpeed found no engine state in {step_dir}")
+    if universal:
+        # DeepSpeed 0.19's ZeRO-3 universal load copies param group 0's hyperparameters onto
+        # every group, giving norms and embeddings weight decay; put each group's own back.
+        for group, saved in zip(_inner_optimizer(engine).param_groups, groups):
+            group.update(saved)
     rng = step_dir / f"rng-rank{dist.rank}.pt"
     if rng.is_file():  # absent for ranks a grown world did not have; dropout then draws anew
         _set_rng_state(torch.load(rng, weights_only=True))
     return json.loads((step_dir / STATE).read_text())
+
+
+def _inner_optimizer(engine) -> torch.optim.Optimizer:
+    return getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO wraps the torch optimizer
+
+
+def _group_hyperparameters(engine) -> list[dict[str, Any]]:
+    """Each param group's settings except its params and lr (the restored schedule sets lr)."""
+    skip = ("params", "lr", "initial_lr")
+    return [{k: v for k, v in g.items() if k not in skip} for g in _inner_optimizer(engine).param_groups]
 
 
 def _rng_state() -> dict[str, torch.Tensor]:

@@ -40,7 +40,10 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     accel = deepspeed.get_accelerator()
     if accel.device_name() != "cpu":
         accel.set_device(local_rank)
-    deepspeed.init_distributed(timeout=datetime.timedelta(seconds=timeout_s))
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        _init_on_fresh_store_prefix(accel.communication_backend_name(), timeout)
+    deepspeed.init_distributed(timeout=timeout)  # adopts a group that already exists
     device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
     # Flags agreed every step must not wait on the GPU stream: on nccl they go through gloo.
     cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
@@ -63,6 +66,22 @@ def gather_to_main(obj: Any, dist_info: DistInfo) -> list[Any] | None:
     out = [None] * dist_info.world_size if dist_info.is_main else None
     dist.gather_object(obj, out, dst=0, group=dist_info.cpu_group)
     return out
+
+
+def _init_on_fresh_store_prefix(backend: str, timeout: datetime.timedelta) -> None:
+    """Start the process group on a key prefix of torchrun's store that no earlier attempt used.
+
+    After `torchrun --max-restarts` restarts the workers, they reuse the agent's store, where
+    the dead attempt's rendezvous keys still sit: the new group reads the old peers' addresses
+    and fails to connect (pytorch/pytorch#167288). A per-attempt prefix avoids them. The attempt
+    is counted in the store itself, since TORCHELASTIC_RESTART_COUNT can differ across nodes.
+    """
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=timeout)  # fmt: skip
+    attempt = (store.add("trainer/joined", 1) - 1) // world
+    prefixed = dist.PrefixStore(f"trainer/attempt-{attempt}", store)
+    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world, timeout=timeout)
 
 
 def barrier() -> None:
