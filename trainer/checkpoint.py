@@ -83,12 +83,14 @@ def save(
             os.replace(partial, final)
             _write_text(root / "latest", final.name)
             _prune(root, keep_last)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         if dist.is_main:
             shutil.rmtree(partial, ignore_errors=True)  # give back the space; it was never valid
         good = complete_checkpoints(root)
         intact = f"{good[-1]} is intact" if good else "there is no earlier checkpoint"
-        raise CheckpointError(f"saving {final} failed on rank {dist.rank} ({e}); {intact}") from None
+        free = shutil.disk_usage(root).free / 2**20
+        msg = f"saving {final} failed on rank {dist.rank} ({type(e).__name__}: {str(e).splitlines()[0]}; "
+        raise CheckpointError(msg + f"{free:.1f} MiB free there); {intact}") from None
     barrier()
     return time.perf_counter() - t0
 
