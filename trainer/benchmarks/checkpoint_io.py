@@ -1,0 +1,99 @@
+"""Benchmark: checkpoint save and load against a raw write/read of the same bytes on the same disk.
+
+    python -m trainer.benchmarks.checkpoint_io [--dir /path/on/the/disk] [--repeats 3] [overrides]
+
+Saves go through ``trainer.checkpoint.save`` (DeepSpeed shards, trainer state, fsync, COMPLETE,
+rename) and loads through ``trainer.checkpoint.load``. The reference writes one file of the
+same total size with fsync and reads it back. Both alternate, so page cache and disk noise hit
+both alike; the figures are medians and their ratios (target <= 1.5).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from trainer import checkpoint
+from trainer.benchmarks.train_throughput import load_config
+from trainer.distributed import init_distributed
+from trainer.engine import build_engine, deepspeed_config
+from trainer.model import GPT, num_params
+
+
+def raw_write_read(path: Path, nbytes: int) -> tuple[float, float]:
+    block = os.urandom(1 << 20)
+    t0 = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(nbytes >> 20):
+            f.write(block)
+        f.write(block[: nbytes & ((1 << 20) - 1)])
+        f.flush()
+        os.fsync(f.fileno())
+    write_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with open(path, "rb") as f:  # into fresh memory, as a load must end with the bytes in RAM
+        buf = bytearray(nbytes)
+        f.readinto(memoryview(buf))
+    read_s = time.perf_counter() - t0
+    path.unlink()
+    return write_s, read_s
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dir", default=None, help="a directory on the disk to measure (default: a temp dir)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("overrides", nargs="*", help="Hydra overrides (default: a ~25M-parameter model, ZeRO-1)")
+    args = p.parse_args()
+    os.environ.setdefault("WORLD_SIZE", "1")
+    defaults = [
+        "model.d_model=512",
+        "model.n_layer=8",
+        "model.n_head=8",
+        "model.vocab_size=8192",
+        "engine=zero1",
+    ]
+    cfg = load_config(defaults + args.overrides)
+    dist = init_distributed()
+    model = GPT(cfg.model)
+    ds_cfg = deepspeed_config(cfg.engine, cfg.optim, micro_batch_size=1, grad_accum_steps=1, world_size=1,
+                              total_steps=10)  # fmt: skip
+    engine = build_engine(model, ds_cfg, cfg.optim, 10)
+    x = torch.randint(0, cfg.model.vocab_size, (1, 16))
+    engine.backward(engine(x, x)[1])
+    engine.step()  # so the optimizer state exists and is saved
+
+    work = Path(tempfile.mkdtemp(dir=args.dir, prefix="ckpt-bench-"))
+    saves, loads, writes, reads = [], [], [], []
+    try:
+        for i in range(args.repeats):
+            run_dir = work / f"run{i}"
+            saves.append(checkpoint.save(engine, run_dir, 1, {"trainer": {}}, dist, keep_last=1))
+            step_dir = run_dir / "checkpoints" / "step-1"
+            nbytes = sum(f.stat().st_size for f in step_dir.rglob("*") if f.is_file())
+            t0 = time.perf_counter()
+            checkpoint.load(engine, step_dir, dist)
+            loads.append(time.perf_counter() - t0)
+            w, r = raw_write_read(work / "raw.bin", nbytes)
+            writes.append(w)
+            reads.append(r)
+            shutil.rmtree(run_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    s, ld, w, r = (statistics.median(v) for v in (saves, loads, writes, reads))
+    size = f"checkpoint {nbytes / 2**20:.0f} MiB"
+    print(f"model: {num_params(cfg.model):,} params | ZeRO-{cfg.engine.zero_stage} | {size}")
+    print(f"save : {s:6.2f} s  vs raw write+fsync {w:6.2f} s  -> ratio {s / w:.2f} (target <= 1.5)")
+    print(f"load : {ld:6.2f} s  vs raw read        {r:6.2f} s  -> ratio {ld / r:.2f} (target <= 1.5)")
+    print(f"a save blocks training for {s:.2f} s ({nbytes / 2**20 / s:.0f} MiB/s)")
+
+
+if __name__ == "__main__":
+    main()
