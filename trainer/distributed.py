@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 from dataclasses import dataclass
@@ -41,9 +42,11 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     if accel.device_name() != "cpu":
         accel.set_device(local_rank)
     timeout = datetime.timedelta(seconds=timeout_s)
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
-        _init_on_fresh_store_prefix(accel.communication_backend_name(), timeout)
-    deepspeed.init_distributed(timeout=timeout)  # adopts a group that already exists
+    if not dist.is_initialized():  # several runs in one process (a local sweep) share one group
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            _init_on_fresh_store_prefix(accel.communication_backend_name(), timeout)
+        deepspeed.init_distributed(timeout=timeout)  # adopts a group that already exists
+        atexit.register(dist.destroy_process_group)
     device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
     # Flags agreed every step must not wait on the GPU stream: on nccl they go through gloo.
     cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None

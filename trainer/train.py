@@ -69,13 +69,8 @@ def run(cfg: DictConfig) -> None:
 
     dist = init_distributed()
     setup_console_logging(dist.rank)
-    try:
-        resolved = share_config(cfg, Path(typed.run_dir), dist.is_main)
-        train(to_typed(OmegaConf.create(resolved)), dist, resolved)
-    finally:
-        import torch.distributed
-
-        torch.distributed.destroy_process_group()
+    resolved = share_config(cfg, Path(typed.run_dir), dist.is_main)
+    train(to_typed(OmegaConf.create(resolved)), dist, resolved)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

@@ -1,0 +1,222 @@
+"""The launchers outside SLURM: launch/torchrun.sh on one and on two "nodes" (one machine, c10d
+rendezvous), `accelerate launch`, SIGUSR1 to the launcher, a local sweep, and bad input."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+import yaml
+
+from tests.helpers import assert_ok, run_module
+from tests.launch_helpers import (
+    EXIT_REQUEUE,
+    REPO,
+    SBATCH,
+    TORCHRUN_SH,
+    free_port,
+    launcher_env,
+    losses,
+    run_script,
+    train_steps,
+    wait_for,
+)
+
+pytestmark = pytest.mark.distributed
+
+# Global batch 8 = 2 ranks x micro 4, or 1 rank x micro 4 x 2 accumulation steps.
+COMMON = ["debug=fast", "max_steps=8", "eval_every=4", "engine=zero2", "checkpoint.every_steps=0"]
+
+
+@pytest.fixture
+def env(cli_env) -> dict[str, str]:
+    return launcher_env(cli_env)
+
+
+@pytest.fixture(scope="module")
+def one_process_losses(tmp_path_factory, base_env) -> list[float]:
+    """The reference: launch/torchrun.sh on one node with one process."""
+    cwd = tmp_path_factory.mktemp("one")
+    proc = run_script(TORCHRUN_SH, ["--nproc", "1", *COMMON, "run_dir=out"], cwd, launcher_env(base_env))
+    assert_ok(proc)
+    assert "node 0 of 1, 1 process(es)" in proc.stderr
+    return losses(cwd / "out")
+
+
+def test_two_nodes_on_one_machine_match_one_process(tmp_path, env, one_process_losses):
+    port = free_port()
+    procs = [
+        subprocess.Popen(
+            [
+                "bash",
+                str(TORCHRUN_SH),
+                "--nnodes",
+                "2",
+                "--node-rank",
+                str(rank),
+                "--nproc",
+                "1",
+                "--master-addr",
+                "127.0.0.1",
+                "--master-port",
+                str(port),
+                *COMMON,
+                "run_dir=out",
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for rank in (0, 1)
+    ]
+    outs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], "\n".join(o[-3000:] for o in outs)
+    assert "node 0 of 2" in outs[0] and "node 1 of 2" in outs[1]
+    assert len(list((tmp_path / "out" / "checkpoints" / "step-8").glob("*optim_states.pt"))) == 2
+    assert losses(tmp_path / "out") == pytest.approx(one_process_losses, rel=1e-4, abs=1e-5)
+
+
+def test_accelerate_launch_matches_one_process(tmp_path, env, one_process_losses):
+    args = ["--config_file", str(REPO / "launch" / "accelerate.yaml"), "-m", "trainer.train"]
+    proc = run_module("accelerate.commands.launch", [*args, *COMMON, "run_dir=out"], tmp_path, env)
+    assert_ok(proc)
+    assert len(list((tmp_path / "out" / "checkpoints" / "step-8").glob("*optim_states.pt"))) == 2
+    assert losses(tmp_path / "out") == pytest.approx(one_process_losses, rel=1e-4, abs=1e-5)
+
+
+def test_usr1_to_the_launcher_saves_exits_85_and_a_restart_finishes(tmp_path, env):
+    args = ["--nproc", "2", "debug=fast", "max_steps=80", "eval_every=0", "run_dir=out"]
+    cmd = ["bash", str(TORCHRUN_SH), *args]
+    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_for(
+            lambda: len(train_steps(tmp_path / "out")) >= 3 or launcher.poll() is not None, 120, "training"
+        )
+        launcher.send_signal(signal.SIGUSR1)  # bash exec'd the launcher: this is its pid
+        out = launcher.communicate(timeout=120)[0].decode()
+    finally:
+        launcher.kill()
+    assert launcher.returncode == EXIT_REQUEUE, out[-3000:]
+    stopped_at = train_steps(tmp_path / "out")[-1]
+    assert stopped_at < 80 and (tmp_path / "out" / "checkpoints" / f"step-{stopped_at}").is_dir()
+
+    proc = run_script(TORCHRUN_SH, args, tmp_path, env)  # the same command again: resumes
+    assert_ok(proc)
+    assert train_steps(tmp_path / "out") == list(range(1, 81))
+
+
+def test_local_sweep_runs_every_member_in_its_own_dir_and_summarizes(tmp_path, env):
+    """Hydra's basic launcher: members one after another in one process."""
+    args = ["-m", "name=s", "debug=fast", "max_steps=3", "eval_every=3", "optim.lr=1e-3,3e-3"]
+    proc = run_module("trainer.train", args, tmp_path, env)
+    assert_ok(proc)
+    sweep = tmp_path / "runs" / "sweeps" / "s"
+    for num in (0, 1):
+        cfg = yaml.safe_load((sweep / str(num) / "config.yaml").read_text())
+        assert cfg["run_dir"] == str(sweep / str(num)) and cfg["logger"]["group"] == "s"
+        assert len(losses(sweep / str(num))) == 3
+    proc = run_module("trainer.sweep", [str(sweep), "--csv", "lrs.csv"], tmp_path, env)
+    assert_ok(proc)
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "common overrides: name=s debug=fast max_steps=3 eval_every=3"
+    assert sum("| done |" in line for line in lines) == 2
+    assert (tmp_path / "lrs.csv").read_text().count("optim.lr=") == 2 and (sweep / "summary.md").is_file()
+    # A single run still goes to runs/<name>.
+    assert_ok(run_module("trainer.train", ["debug=fast", "max_steps=1"], tmp_path, env))
+    assert (tmp_path / "runs" / "default" / "metrics.jsonl").is_file()
+
+
+def test_sweep_summary_of_a_missing_dir_says_so(tmp_path, env):
+    proc = run_module("trainer.sweep", [str(tmp_path / "nope")], tmp_path, env)
+    assert proc.returncode == 2 and "is not a directory" in proc.stderr
+
+
+# --- bad input: a clear message and a non-zero exit, in bounded time -------------------------
+
+
+def _fails_fast(proc, needle: str, within_s: float, started: float) -> None:
+    assert proc.returncode != 0, proc.stdout
+    assert needle in proc.stderr, proc.stderr[-3000:]
+    assert time.monotonic() - started < within_s
+
+
+def test_port_in_use(tmp_path, env):
+    with socket.socket() as taken:
+        taken.bind(("", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        t0 = time.monotonic()
+        args = ["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", str(port), "debug=fast"]
+        proc = run_script(TORCHRUN_SH, args, tmp_path, env, timeout=60)
+    _fails_fast(proc, f"port {port} is in use", 30, t0)
+
+
+def test_unresolvable_rendezvous_host(tmp_path, env):
+    t0 = time.monotonic()
+    args = ["--nnodes", "2", "--node-rank", "1", "--master-addr", "no-such-host.invalid", "debug=fast"]
+    proc = run_script(TORCHRUN_SH, args, tmp_path, env, timeout=60)
+    _fails_fast(proc, "cannot resolve the rendezvous host 'no-such-host.invalid'", 30, t0)
+
+
+def test_unreachable_rendezvous_gives_up_after_the_timeout(tmp_path, env):
+    """Node rank 1 of 2 while nothing listens at the rendezvous: no hang past RDZV_TIMEOUT."""
+    t0 = time.monotonic()
+    args = ["--nnodes", "2", "--node-rank", "1", "--master-addr", "127.0.0.1", "--master-port",
+            str(free_port()), "debug=fast"]  # fmt: skip
+    proc = run_script(TORCHRUN_SH, args, tmp_path, env | {"RDZV_TIMEOUT": "5"}, timeout=120)
+    _fails_fast(proc, "rendezvous at 127.0.0.1", 60, t0)
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["--nnodes", "2"], "--nnodes=2 needs --master-addr"),
+        (
+            ["--nnodes", "2", "--node-rank", "2", "--master-addr", "127.0.0.1"],
+            "--node-rank=2 must be one of 0..1",
+        ),
+        (["--nproc", "two"], "--nproc=two is not a whole number"),
+        (["--master-port"], "--master-port needs a value"),
+    ],
+)
+def test_bad_flags(tmp_path, env, args, needle):
+    t0 = time.monotonic()
+    proc = run_script(TORCHRUN_SH, ["debug=fast", *args], tmp_path, env, timeout=60)
+    _fails_fast(proc, needle, 30, t0)
+    assert proc.returncode == 2
+
+
+def test_sbatch_script_outside_slurm(tmp_path, env):
+    clean = {k: v for k, v in env.items() if not k.startswith("SLURM_")}
+    proc = run_script(SBATCH, ["debug=fast"], tmp_path, clean, timeout=30)
+    assert proc.returncode == 2
+    assert "SLURM_JOB_ID is not set" in proc.stderr and "sbatch slurm/train.sbatch" in proc.stderr
+
+
+def test_launcher_forwards_sigterm_too(tmp_path, env):
+    """`kill <launcher>` (SIGTERM) is a stop request as well, not an abrupt kill of the workers."""
+    args = ["--nproc", "1", "debug=fast", "max_steps=500", "eval_every=0", "run_dir=out"]
+    launcher = subprocess.Popen(
+        ["bash", str(TORCHRUN_SH), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        wait_for(
+            lambda: len(train_steps(tmp_path / "out")) >= 2 or launcher.poll() is not None, 120, "training"
+        )
+        os.kill(launcher.pid, signal.SIGTERM)
+        out = launcher.communicate(timeout=120)[0].decode()
+    finally:
+        launcher.kill()
+    assert launcher.returncode == EXIT_REQUEUE, out[-3000:]
+    assert "preempted" in out and (tmp_path / "out" / "checkpoints" / "latest").is_file()

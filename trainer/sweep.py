@@ -1,0 +1,236 @@
+"""Hydra sweeps (``python -m trainer.train -m ...``): what a member needs while it runs, and a summary.
+
+    python -m trainer.sweep runs/sweeps/<name> [--csv FILE] [--markdown FILE]
+
+prints one row per member, best first: its overrides, final train and validation loss, tokens/s
+and status, and writes the same table as ``summary.csv`` and ``summary.md`` into the sweep dir.
+It reads what every run leaves behind: ``<member>/config.yaml``, ``<member>/metrics.jsonl`` and
+``<member>/.hydra/overrides.yaml`` (Hydra writes the last one for sweep members only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import math
+import os
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+# configs/train.yaml: run_dir: ${oc.env:TRAINER_SWEEP_RUN_DIR,runs/${name}}
+RUN_DIR_ENV = "TRAINER_SWEEP_RUN_DIR"
+# Overrides configs/train.yaml adds to every member; the same everywhere, so not worth showing.
+INJECTED = ("logger.group",)
+
+
+class SweepMember(Callback):
+    """Hydra callback (configs/train.yaml ``hydra.callbacks``); does nothing outside multirun.
+
+    A member's default run dir is the directory Hydra made for it (``runs/sweeps/<name>/<num>``):
+    the task config is copied before callbacks run, so the value travels through the environment
+    variable that ``run_dir``'s default reads. Every rank of a member computes the same path.
+
+    A submitit member with several tasks (``hydra.launcher.tasks_per_node``/``nodes``) is one SLURM
+    task per rank: submitit sets SLURM's variables, the trainer reads torchrun's, so map them.
+    """
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hydra_cfg = HydraConfig.get()
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            return
+        os.environ[RUN_DIR_ENV] = hydra_cfg.runtime.output_dir
+        if os.environ.get("SUBMITIT_EXECUTOR") and "RANK" not in os.environ:
+            from submitit import JobEnvironment
+            from submitit.helpers import TorchDistributedEnvironment
+
+            if JobEnvironment().num_tasks > 1:
+                # One device per rank is chosen by LOCAL_RANK: keep every device visible.
+                TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        os.environ.pop(RUN_DIR_ENV, None)  # the basic launcher runs the next member in this process
+
+
+@dataclass
+class Member:
+    path: Path
+    overrides: list[str] = field(default_factory=list)
+    step: int = 0
+    total_steps: int | None = None
+    train_loss: float | None = None
+    val_loss: float | None = None
+    tokens_per_s: float | None = None
+
+    @property
+    def status(self) -> str:
+        if self.total_steps is None:
+            return "no metrics"  # failed before the first log, or not started yet
+        if self.step >= self.total_steps:
+            return "done"
+        return f"stopped {self.step}/{self.total_steps}"  # running, preempted or failed
+
+    def score(self) -> float:
+        """Lower is better: validation loss when there is one, else train loss; NaN last."""
+        loss = self.val_loss if self.val_loss is not None else self.train_loss
+        return math.inf if loss is None or math.isnan(loss) else loss
+
+
+def find_members(sweep_dir: Path) -> list[Path]:
+    """Member dirs in job order: the sweep's subdirs that hold a run or Hydra's record of one."""
+    subdirs = [p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    members = [
+        p for p in subdirs if any((p / f).exists() for f in ("config.yaml", "metrics.jsonl", ".hydra"))
+    ]
+    return sorted(
+        members, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)
+    )
+
+
+def read_member(path: Path) -> Member:
+    member = Member(path)
+    overrides = path / ".hydra" / "overrides.yaml"
+    if overrides.is_file():
+        import yaml
+
+        member.overrides = [str(o) for o in yaml.safe_load(overrides.read_text()) or []]
+    metrics = path / "metrics.jsonl"
+    if not metrics.is_file():
+        return member
+    train, evals = [], []
+    for line in metrics.read_text().splitlines():
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill
+        if event.get("event") == "train":
+            train.append(event)
+        elif event.get("event") == "eval":
+            evals.append(event)
+    if train:
+        last = train[-1]
+        member.step, member.total_steps = last["step"], last.get("total_steps")
+        member.train_loss = last["loss"]
+        speeds = [e["tokens_per_s"] for e in train if e.get("tokens_per_s")]
+        # The median ignores the first window's start-up (compilation, data preparation).
+        member.tokens_per_s = statistics.median(speeds) if speeds else None
+    if evals:
+        member.val_loss = evals[-1]["val_loss"]
+    return member
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out |= _flatten(v, f"{prefix}{k}.")
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def split_overrides(members: list[Member]) -> list[str]:
+    """Keep on each member only what tells it apart; return what all members share.
+
+    Without Hydra's record (a member started another way), the differing keys of the resolved
+    configs stand in for the overrides.
+    """
+    for m in members:
+        if not m.overrides and (m.path / "config.yaml").is_file():
+            import yaml
+
+            flat = _flatten(yaml.safe_load((m.path / "config.yaml").read_text()) or {})
+            m.overrides = [f"{k}={json.dumps(v)}" for k, v in flat.items() if k not in ("run_dir", "name")]
+    for m in members:
+        m.overrides = [o for o in m.overrides if o.split("=", 1)[0].lstrip("+~") not in INJECTED]
+    if len(members) < 2:
+        return []
+    common = [o for o in members[0].overrides if all(o in m.overrides for m in members[1:])]
+    for m in members:
+        m.overrides = [o for o in m.overrides if o not in common]
+    return common
+
+
+def _fmt(x: float | None, digits: int) -> str:
+    return "" if x is None else f"{x:.{digits}f}"
+
+
+def table(members: list[Member]) -> list[dict[str, str]]:
+    return [
+        {
+            "rank": str(i),
+            "member": m.path.name,
+            "overrides": " ".join(m.overrides),
+            "train_loss": _fmt(m.train_loss, 4),
+            "val_loss": _fmt(m.val_loss, 4),
+            "tokens_per_s": _fmt(m.tokens_per_s, 0),
+            "status": m.status,
+            "run_dir": str(m.path),
+        }
+        for i, m in enumerate(members, 1)
+    ]
+
+
+def to_markdown(rows: list[dict[str, str]], common: list[str]) -> str:
+    cols = [c for c in rows[0] if c != "run_dir"]
+    lines = [f"common overrides: {' '.join(common) or '(none)'}", ""] if common else []
+    lines += ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    lines += ["| " + " | ".join(r[c].replace("|", "\\|") for c in cols) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(rows: list[dict[str, str]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def summarize(sweep_dir: Path) -> tuple[list[dict[str, str]], list[str]]:
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(
+            f"{sweep_dir} is not a directory: pass a sweep dir such as runs/sweeps/<name>"
+        )
+    members = [read_member(p) for p in find_members(sweep_dir)]
+    if not members:
+        raise FileNotFoundError(
+            f"{sweep_dir} holds no sweep members (subdirs with config.yaml or metrics.jsonl): "
+            "pass the sweep dir, e.g. runs/sweeps/<name>"
+        )
+    common = split_overrides(members)
+    members.sort(key=Member.score)  # stable: ties keep job order
+    return table(members), common
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="the sweep's directory, e.g. runs/sweeps/<name>")
+    parser.add_argument("--csv", type=Path, help="where to write the CSV (default: <sweep_dir>/summary.csv)")
+    parser.add_argument("--markdown", type=Path, help="the markdown table (default: <sweep_dir>/summary.md)")
+    args = parser.parse_args(argv)
+    try:
+        rows, common = summarize(args.sweep_dir)
+    except FileNotFoundError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    markdown = to_markdown(rows, common)
+    print(markdown, end="")
+    for path, text in ((args.csv or args.sweep_dir / "summary.csv", to_csv(rows)),
+                       (args.markdown or args.sweep_dir / "summary.md", markdown)):  # fmt: skip
+        path.write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
