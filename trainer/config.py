@@ -97,17 +97,49 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: str  # a prepared dataset directory
+    weight: float = 1.0  # share of the samples, relative to the other sources' weights
+
+
+@dataclass
 class DataConfig:
-    path: str = "data/builtin"  # a prepared dataset directory (manifest.json + shards)
+    path: Optional[str] = "data/builtin"  # a prepared dataset directory (manifest.json + shards)
+    # Several prepared datasets mixed by weight, instead of `path` (data=mixture sets path: null).
+    sources: List[SourceConfig] = field(default_factory=list)
     builtin: bool = False  # generate the project's own corpus into `path` if it is missing
     seq_len: int = 128  # tokens per training sample (the shards hold seq_len + 1)
     shuffle_window: int = 4  # shards whose samples are shuffled together
     seed: int = 0  # the sample order; a resumed run must keep it
-    verify_shards: bool = False  # sha256 of every shard against the manifest as it is read
+    verify_shards: bool = True  # sha256 of every shard against the manifest as it is read (in memory)
+    on_corrupt: str = "error"  # error: stop naming the shard | skip: pass over bad samples, count them
+    record_ids: bool = False  # each rank appends its batches' sample ids to run_dir/sample_ids/rank<r>.jsonl
 
     def __post_init__(self) -> None:
         _positive("data.seq_len", self.seq_len)
         _positive("data.shuffle_window", self.shuffle_window)
+        _one_of("data.on_corrupt", self.on_corrupt, ("error", "skip"))
+        if self.sources and self.path is not None:
+            raise ConfigError(
+                f"data.sources and data.path={self.path} are both set: use data=mixture (or set "
+                "data.path=null) to mix data.sources, or drop data.sources to train on data.path"
+            )
+        if not self.sources and not self.path:
+            raise ConfigError("data.path is not set: set data.path, or data.sources to mix several datasets")
+        if self.sources and self.builtin:
+            raise ConfigError("data.builtin=true prepares one dataset at data.path: set data.builtin=false")
+        for i, src in enumerate(self.sources):
+            if not src.path:
+                raise ConfigError(f"data.sources[{i}].path is empty: set it to a prepared dataset directory")
+            if not src.weight > 0 or src.weight == float("inf"):
+                raise ConfigError(f"data.sources[{i}].weight={src.weight} must be a positive number")
+
+    def weighted_paths(self) -> list[tuple[str, float]]:
+        """(dataset directory, weight) of every source: data.sources, or data.path with weight 1."""
+        if self.sources:
+            return [(src.path, src.weight) for src in self.sources]
+        assert self.path is not None
+        return [(self.path, 1.0)]
 
 
 @dataclass
@@ -201,6 +233,33 @@ class GuardConfig:
 
 
 @dataclass
+class PerfConfig:
+    """What MFU is measured against (see trainer/perf.py)."""
+
+    peak_tflops: float = 0.0  # per-device peak TFLOP/s; 0: device table (GPU) or a measured matmul (CPU)
+
+    def __post_init__(self) -> None:
+        _positive("perf.peak_tflops", self.peak_tflops, allow_zero=True)
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler traces of a few steps into <run_dir>/profile/ (see trainer/profiling.py)."""
+
+    enabled: bool = False
+    steps: List[int] = field(default_factory=lambda: [5, 7])  # [first, last] step recorded, inclusive
+    ranks: List[int] = field(default_factory=lambda: [0])  # ranks that record
+    record_shapes: bool = False
+    profile_memory: bool = False
+    with_stack: bool = False
+    memory_snapshot: bool = True  # CUDA only: torch.cuda.memory snapshot of the same steps
+
+    def __post_init__(self) -> None:
+        if len(self.steps) != 2 or not 1 <= self.steps[0] <= self.steps[1]:
+            raise ConfigError(f"profile.steps={list(self.steps)} must be [first, last], 1 <= first <= last")
+
+
+@dataclass
 class TrainConfig:
     name: str = "default"
     run_dir: str = "runs/default"
@@ -219,6 +278,8 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     guard: GuardConfig = field(default_factory=GuardConfig)
+    perf: PerfConfig = field(default_factory=PerfConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "eval_batches"):
@@ -259,6 +320,116 @@ class TrainConfig:
         return min(self.max_steps, -(-self.max_tokens // self.tokens_per_step()))
 
 
+@dataclass
+class PrepareConfig:
+    """``python -m trainer.prepare``: text / JSON Lines -> tokenizer -> packed samples -> tar shards."""
+
+    inputs: List[str] = field(default_factory=list)  # files, directories and glob patterns, in order
+    out_dir: str = ""  # the dataset directory (manifest.json, shards, tokenizer/)
+    tokenizer: str = "byte"  # byte | char | bpe (trained here) | a tokenizer.json | a tokenizer directory
+    vocab_size: int = 8192  # bpe only: the vocabulary to train, end-of-text included
+    seq_len: int = 128  # tokens per training sample; the shards hold seq_len + 1
+    text_field: str = "text"  # JSON Lines: the key holding each document's text
+    val_fraction: float = 0.01  # one sample of every round(1/val_fraction) goes to the val split
+    shard_max_samples: int = 10000  # a shard closes at this many samples ...
+    shard_max_mb: float = 256.0  # ... or at this many MB, whichever comes first
+    seed: int = 0  # which sample of each block goes to val
+    num_workers: int = 0  # tokenizer processes; 0: one per CPU core
+    progress: bool = True  # a progress bar on stderr
+
+    def __post_init__(self) -> None:
+        if not self.inputs:
+            raise ConfigError("inputs is empty: give files, directories or globs, e.g. inputs=[corpus/*.txt]")
+        if not self.out_dir:
+            raise ConfigError("out_dir is not set: set out_dir to the dataset directory to write")
+        for key in ("seq_len", "shard_max_samples", "shard_max_mb", "vocab_size"):
+            _positive(key, getattr(self, key))
+        _positive("num_workers", self.num_workers, allow_zero=True)
+        if not 0.0 < self.val_fraction <= 0.5:
+            raise ConfigError(f"val_fraction={self.val_fraction} must be in (0, 0.5]")
+        if self.tokenizer == "bpe" and self.vocab_size <= 257:
+            raise ConfigError(
+                f"vocab_size={self.vocab_size} leaves no merges for bpe (256 byte symbols + end-of-text): "
+                "raise vocab_size"
+            )
+
+    def workers(self) -> int:
+        return self.num_workers or os.cpu_count() or 1
+
+
+_NO_CHECKPOINT = "checkpoint is not set: pass checkpoint=<run dir, checkpoints/step-<N> dir or exported dir>"
+
+
+@dataclass
+class EvalConfig:
+    """``python -m trainer.eval``: loss, perplexity and bits per byte of a checkpoint on a dataset split."""
+
+    checkpoint: Optional[str] = None  # a run dir, a checkpoints/step-<N> dir, or an exported dir
+    data: Optional[str] = None  # a prepared dataset dir; None: the run's own dataset
+    split: str = "val"  # val | train (read in manifest order, unshuffled)
+    batches: int = 0  # global batches to evaluate (like eval_batches in training); 0: the whole split
+    global_batch_size: Optional[int] = None  # None: the run's (8 for an exported model)
+    micro_batch_size: Optional[int] = None  # None: the run's (the per-rank batch for an exported model)
+    tokenizer: Optional[str] = None  # a tokenizer dir; None: the model's own
+    dtype: str = "fp32"  # fp32 | bf16
+    output_dir: Optional[str] = None  # None: <run_dir>/eval (or <exported dir>/eval)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError(_NO_CHECKPOINT)
+        _one_of("split", self.split, ("val", "train"))
+        _one_of("dtype", self.dtype, ("fp32", "bf16"))
+        _positive("batches", self.batches, allow_zero=True)
+        for key in ("global_batch_size", "micro_batch_size"):
+            if getattr(self, key) is not None:
+                _positive(key, getattr(self, key))
+
+
+@dataclass
+class GenerateConfig:
+    """``python -m trainer.generate``: sample continuations of prompts from a checkpoint."""
+
+    checkpoint: Optional[str] = None  # a run dir, a checkpoints/step-<N> dir, or an exported dir
+    prompt: Optional[str] = None  # one prompt ...
+    prompt_file: Optional[str] = None  # ... or a file with one prompt per line
+    max_new_tokens: int = 128
+    greedy: bool = False  # argmax instead of sampling (as does temperature=0)
+    temperature: float = 0.8
+    top_k: int = 0  # sample among the k most likely tokens; 0: all
+    top_p: float = 1.0  # sample among the most likely tokens holding this much probability; 1: all
+    seed: int = 0  # the same seed, prompts and batch_size give the same samples
+    stop: List[str] = field(default_factory=list)  # a completion ends before the first of these strings
+    stop_at_eot: bool = True  # a completion ends at the end-of-text token
+    prepend_eot: bool = True  # start the context with end-of-text, as every training document does
+    batch_size: int = 8  # prompts generated together (left-padded)
+    use_cache: bool = True  # false: recompute the whole context every step (slow; for checking)
+    prompt_overflow: str = "truncate"  # a prompt longer than model.max_seq_len: truncate (left) | error
+    stream: bool = True  # a single prompt: print tokens as they come
+    output: Optional[str] = None  # also write the completions to this JSON Lines file
+    tokenizer: Optional[str] = None  # a tokenizer dir; None: the model's own
+    dtype: str = "fp32"  # fp32 | bf16
+    device: str = "auto"  # auto (cuda if available) | cpu | cuda | cuda:<i>
+
+    def __post_init__(self) -> None:
+        if not self.checkpoint:
+            raise ConfigError(_NO_CHECKPOINT)
+        if (self.prompt is None) == (self.prompt_file is None):
+            raise ConfigError("give exactly one of prompt=<text> or prompt_file=<file, one prompt per line>")
+        if self.prompt is not None and not self.prompt.strip():
+            raise ConfigError("prompt is empty: give some text to continue, e.g. prompt='Once upon a time'")
+        _positive("max_new_tokens", self.max_new_tokens)
+        _positive("batch_size", self.batch_size)
+        _positive("temperature", self.temperature, allow_zero=True)
+        _positive("top_k", self.top_k, allow_zero=True)
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
+        if any(not s for s in self.stop):
+            raise ConfigError("stop holds an empty string: remove it")
+        _one_of("prompt_overflow", self.prompt_overflow, ("truncate", "error"))
+        _one_of("dtype", self.dtype, ("fp32", "bf16"))
+
+
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
@@ -269,3 +440,6 @@ def register_configs() -> None:
 
     cs = ConfigStore.instance()
     cs.store(name="train_schema", node=TrainConfig)
+    cs.store(name="prepare_schema", node=PrepareConfig)
+    cs.store(name="eval_schema", node=EvalConfig)
+    cs.store(name="generate_schema", node=GenerateConfig)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
@@ -17,8 +16,10 @@ from trainer.data.build import Data, build_data
 from trainer.distributed import DistInfo, all_reduce_mean, barrier, gather_to_main
 from trainer.engine import build_engine, current_lr, deepspeed_config, grad_norm
 from trainer.guard import StepControl, TrainingHalted
-from trainer.metrics import MetricsSink, Throughput, start_wandb, truncate_metrics
+from trainer.metrics import MetricsSink, open_sink
 from trainer.model import GPT
+from trainer.perf import PerfMeter, build_meter, loss_scale, memory_stats
+from trainer.profiling import StepProfiler
 from trainer.signals import Preempted, StopSignal
 
 log = logging.getLogger("trainer")
@@ -68,7 +69,10 @@ class Run:
 def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
     """Data, model, engine, then the newest checkpoint (if resuming): ready to step."""
     torch.manual_seed(cfg.seed)
-    data = build_data(cfg.data, cfg.global_batch_size, dist.rank, dist.world_size, dist.local_rank, barrier)
+    record_dir = Path(cfg.run_dir) / "sample_ids" if cfg.data.record_ids else None
+    data = build_data(
+        cfg.data, cfg.global_batch_size, dist.rank, dist.world_size, dist.local_rank, barrier, record_dir
+    )
     model = GPT(resolve_vocab(cfg.model, data.vocab_size))
     total_steps = cfg.total_steps()
     ds_cfg = deepspeed_config(
@@ -104,12 +108,16 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
 def train(cfg: TrainConfig, dist: DistInfo, resolved_config: dict[str, Any]) -> Run:
     """Run (or continue) the training run described by ``cfg``."""
     run = build_run(cfg, dist)
-    wandb_run = None
-    if dist.is_main:
-        truncate_metrics(Path(cfg.run_dir), run.state.step)  # events past the checkpoint are redone
-        wandb_run = start_wandb(cfg.logger, cfg.name, Path(cfg.run_dir), resolved_config, run.state.wandb_id)
-        run.state.wandb_id = wandb_run.id if wandb_run is not None else None
-    sink = MetricsSink(Path(cfg.run_dir) if dist.is_main else None, wandb_run)
+    sink = open_sink(
+        cfg.logger,
+        Path(cfg.run_dir),
+        dist.is_main,
+        cfg.name,
+        resolved_config,
+        run.state.step,
+        run.state.wandb_id,
+    )
+    run.state.wandb_id = sink.wandb_id
     try:
         if run.state.step >= run.total_steps:
             log.info("run already complete at step %d of %d; nothing to do", run.state.step, run.total_steps)
@@ -129,16 +137,28 @@ def fit(run: Run, sink: MetricsSink) -> None:
     stop = StopSignal().install()
     control = StepControl(cfg.guard, run.dist, stop, save_every_s=60 * cfg.checkpoint.every_minutes)
     batches = iter(run.data.train)
-    meter = Throughput(cfg.tokens_per_step())
+    meter = build_meter(
+        run.engine.module.cfg,
+        cfg.data.seq_len,
+        cfg.tokens_per_step(),
+        run.dist.world_size,
+        run.dist.device,
+        cfg.engine.precision,
+        cfg.perf.peak_tflops,
+    )
+    sink.log({"event": "perf", "step": state.step} | meter.describe())
+    profiler = StepProfiler(cfg.profile, Path(cfg.run_dir), run.dist.rank, run.dist.device)
     losses: list[float] = []
     run.engine.train()
     while state.step < run.total_steps:
-        t0 = time.perf_counter()
+        profiler.before_step(state.step + 1)
+        meter.step_start()
         batch = next(batches)
-        meter.step(data_wait_s=time.perf_counter() - t0)
+        meter.data_done()
         control.step = state.step + 1
         skipped_before = run.engine.skipped_steps
-        train_step(run.engine, batch, cfg.micro_batch_size, run.dist.device, control)
+        train_step(run.engine, batch, cfg.micro_batch_size, run.dist.device, control, meter.optimizer_start)
+        meter.step_done()
         state.step += 1
         state.tokens += cfg.tokens_per_step()
         if run.engine.skipped_steps > skipped_before:
@@ -158,10 +178,11 @@ def fit(run: Run, sink: MetricsSink) -> None:
         every = cfg.checkpoint.every_steps
         periodic = (every and state.step % every == 0) or control.save_due
         if periodic or control.stop_requested or (last and cfg.checkpoint.save_final):
-            save_checkpoint(run, sink, control)
+            meter.add_checkpoint(save_checkpoint(run, sink, control))
         if control.stop_requested and not last:
             stop.ignore_further()
             raise Preempted(f"stopped on request after step {state.step}; a restart resumes from there")
+    profiler.close()
     # Only now: while stopping, a further signal must meet our handler, not the default action
     # (which would kill the process and lose the requeue exit code).
     stop.restore()
@@ -187,21 +208,25 @@ def record_skip(run: Run, sink: MetricsSink, control: StepControl, batch: dict[s
     sink.log({"event": "skip", "step": control.step, "reason": reason, "sample_ids": sample_ids})
 
 
-def save_checkpoint(run: Run, sink: MetricsSink, control: StepControl) -> None:
+def save_checkpoint(run: Run, sink: MetricsSink, control: StepControl) -> float:
     state = {"trainer": run.state.state_dict(), "loader": run.data.train.state_dict()}
     keep = run.cfg.checkpoint.keep_last
     seconds = checkpoint.save(run.engine, Path(run.cfg.run_dir), run.state.step, state, run.dist, keep)
     control.saved()
     sink.log({"event": "checkpoint", "step": run.state.step, "save_s": seconds})
+    return seconds
 
 
-def log_train(run: Run, sink: MetricsSink, losses: list[float], meter: Throughput) -> None:
+def log_train(run: Run, sink: MetricsSink, losses: list[float], meter: PerfMeter) -> None:
     """One train event: the loss averaged over the (applied) steps since the last log."""
     event = {"event": "train", "step": run.state.step, "total_steps": run.total_steps}
     loss = sum(losses) / len(losses) if losses else float("nan")  # already averaged over ranks
     event |= {"tokens": run.state.tokens, "loss": loss, "lr": current_lr(run.engine)}
     event |= {"grad_norm": grad_norm(run.engine), "skipped_steps": run.state.skipped_steps}
-    event |= meter.report(run.total_steps - run.state.step) | run.data.train.stats()
+    event |= meter.report(run.total_steps - run.state.step) | memory_stats(run.dist.device)
+    if run.cfg.engine.precision == "fp16":
+        event["loss_scale"] = loss_scale(run.engine)
+    event |= run.data.train.stats()
     sink.log(event)
 
 
@@ -211,12 +236,14 @@ def train_step(
     micro: int,
     device: torch.device,
     drop: Callable[[torch.Tensor], bool] | None = None,
+    before_optimizer: Callable[[], None] | None = None,
 ) -> torch.Tensor:
     """One optimizer step over this rank's slice of the global batch, in micro-batches.
 
     DeepSpeed scales each micro-batch loss by 1/accumulation steps and steps the optimizer
     (and LR schedule) only at the accumulation boundary. After the last forward, ``drop``
-    sees the step's mean loss and may veto the update. Returns the mean loss, unsynced.
+    sees the step's mean loss and may veto the update; ``before_optimizer`` runs just before the
+    last ``engine.step()``, which is where DeepSpeed runs the optimizer. Returns the mean loss, unsynced.
     """
     pieces = list(_micro_batches(batch, micro, device))
     losses = []
@@ -228,6 +255,8 @@ def train_step(
             # zeroed, optimizer and LR schedule untouched), so a vetoed step goes that way too.
             loss = loss * float("nan")
         engine.backward(loss)
+        if i == len(pieces) - 1 and before_optimizer is not None:
+            before_optimizer()
         engine.step()
     return torch.stack(losses).mean()
 

@@ -7,8 +7,6 @@ import logging
 import math
 import os
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,77 +15,152 @@ from trainer.config import LoggerConfig
 log = logging.getLogger("trainer")
 
 
-@dataclass
-class Throughput:
-    """Tokens/s and data-wait over the window since the last log, and the run's ETA."""
-
-    tokens_per_step: int
-    window_start: float = field(default_factory=time.perf_counter)
-    window_steps: int = 0
-    data_wait: float = 0.0
-
-    def step(self, data_wait_s: float) -> None:
-        self.window_steps += 1
-        self.data_wait += data_wait_s
-
-    def report(self, steps_left: int) -> dict[str, float]:
-        elapsed = max(time.perf_counter() - self.window_start, 1e-9)
-        step_time = elapsed / max(self.window_steps, 1)
-        out = {
-            "tokens_per_s": self.window_steps * self.tokens_per_step / elapsed,
-            "step_time_s": step_time,
-            "data_wait_frac": self.data_wait / elapsed,
-            "eta_s": steps_left * step_time,
-        }
-        self.window_start, self.window_steps, self.data_wait = time.perf_counter(), 0, 0.0
-        return out
-
-
 class MetricsSink:
     """Rank 0 writes every event to metrics.jsonl, the console and (optionally) W&B.
 
-    Other ranks get a sink that drops events, so call sites need no rank checks.
+    Other ranks get a sink that drops events, so call sites need no rank checks. W&B is best
+    effort: its first failure is one warning and W&B is dropped for the rest of the run (a dead
+    service would otherwise cost a timeout per event); metrics.jsonl keeps every event.
+    Events at steps W&B already holds from before a restart (``wandb_floor``) are not sent again,
+    so the W&B chart's steps never go backwards.
     """
 
-    def __init__(self, run_dir: Path | None, wandb_run: Any = None) -> None:
+    def __init__(
+        self, run_dir: Path | None, wandb_run: Any = None, wandb_floor: int = 0, progress: bool | None = None
+    ) -> None:
         self._file = open(run_dir / "metrics.jsonl", "a") if run_dir is not None else None  # noqa: SIM115
         self._wandb = wandb_run
+        self._floor = wandb_floor
+        self._console = Console(progress) if run_dir is not None else None
+        self._file_ok = True
+
+    @property
+    def wandb_id(self) -> str | None:
+        return self._wandb.id if self._wandb is not None else None
 
     def log(self, event: dict[str, Any]) -> None:
         if self._file is None:
             return
-        self._file.write(json.dumps(event) + "\n")
-        self._file.flush()
-        print(format_event(event), flush=True)
+        self._write(event)
+        assert self._console is not None
+        self._console.show(event)
         if self._wandb is not None:
-            try:
-                self._wandb.log({k: v for k, v in event.items() if k != "event"}, step=event["step"])
-            except Exception as e:  # a logging outage must never stop training
-                log.warning("W&B logging failed (%s); metrics.jsonl still has every event", e)
+            self._to_wandb(event)
+
+    def _write(self, event: dict[str, Any]) -> None:
+        try:
+            self._file.write(json.dumps(event) + "\n")
+            self._file.flush()
+            self._file_ok = True
+        except OSError as e:  # a full disk: warn once, keep training, retry with the next event
+            if self._file_ok:
+                log.warning("could not write metrics.jsonl (%s); training continues", e)
+            self._file_ok = False
+
+    def _to_wandb(self, event: dict[str, Any]) -> None:
+        try:
+            if event["event"] == "perf":  # what MFU rests on: one value per run, not a curve
+                self._wandb.summary.update({k: v for k, v in event.items() if k not in ("event", "step")})
+            elif event["step"] > self._floor:
+                data = {k: v for k, v in event.items() if k != "event" and isinstance(v, (int, float))}
+                self._wandb.log(data, step=event["step"])
+        except Exception as e:  # a logging outage must never stop training
+            log.warning(
+                "W&B logging failed (%s); W&B is off for the rest of this run, metrics.jsonl has it all", e
+            )
+            self._wandb = None
 
     def preempting(self) -> None:
         """Tell W&B this run stops to be resumed (it shows as preempted, not failed)."""
         if self._wandb is not None:
-            self._wandb.mark_preempting()
+            try:
+                self._wandb.mark_preempting()
+            except Exception as e:
+                log.warning("W&B mark_preempting failed (%s)", e)
 
     def close(self) -> None:
+        if self._console is not None:
+            self._console.close()
         if self._file is not None:
             self._file.close()
         if self._wandb is not None:
-            self._wandb.finish()
+            try:
+                self._wandb.finish()
+            except Exception as e:  # the run's results are on disk already
+                log.warning("W&B finish failed (%s)", e)
 
 
-def truncate_metrics(run_dir: Path, step: int) -> None:
-    """Drop events after `step`: a resumed run recomputes them, so each step appears once."""
+class Console:
+    """Rank 0's console: a live tqdm bar on a terminal, one plain line per event otherwise (SLURM logs)."""
+
+    def __init__(self, progress: bool | None = None) -> None:
+        self.progress = sys.stdout.isatty() if progress is None else progress
+        self._bar: Any = None
+
+    def show(self, event: dict[str, Any]) -> None:
+        if not self.progress:
+            print(format_event(event), flush=True)
+            return
+        if event["event"] != "train":
+            from tqdm import tqdm
+
+            tqdm.write(format_event(event), file=sys.stdout)
+            return
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=event["total_steps"], desc="train", unit="step", file=sys.stdout)
+        self._bar.n = event["step"]
+        self._bar.set_postfix_str(
+            f"loss {event['loss']:.4f} | {event['tokens_per_s']:,.0f} tok/s | eta {_hms(event['eta_s'])}"
+        )
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def open_sink(
+    cfg: LoggerConfig,
+    run_dir: Path,
+    is_main: bool,
+    run_name: str,
+    config: dict[str, Any],
+    step: int,
+    wandb_id: str | None,
+) -> MetricsSink:
+    """Rank 0: drop events past the checkpoint at `step` (they are redone), start or continue W&B."""
+    if not is_main:
+        return MetricsSink(None)
+    logged_up_to = truncate_metrics(run_dir, step)
+    wandb_run = start_wandb(cfg, run_name, run_dir, config, wandb_id)
+    return MetricsSink(run_dir, wandb_run, wandb_floor=logged_up_to if wandb_id else 0)
+
+
+def truncate_metrics(run_dir: Path, step: int) -> int:
+    """Drop events after `step`: a resumed run recomputes them, so each step appears once.
+
+    Returns the highest step logged before (W&B holds that far already and refuses lower steps).
+    """
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        return
+        return 0
     lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    events = [_parse(line) for line in lines]  # None: a line torn by a crash mid-write
+    kept = [line for line, e in zip(lines, events) if e is not None and e["step"] <= step]
     if len(kept) != len(lines):
         tmp = path.with_suffix(".tmp")
         tmp.write_text("".join(kept))
         os.replace(tmp, path)
+    return max((e["step"] for e in events if e is not None), default=0)
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) and "step" in event else None
 
 
 def format_event(e: dict[str, Any]) -> str:
@@ -96,15 +169,23 @@ def format_event(e: dict[str, Any]) -> str:
         return f"eval  step {e['step']:>6} | val_loss {e['val_loss']:.4f} | ppl {ppl:.2f}"
     if e["event"] == "train":
         gn = f" | gnorm {e['grad_norm']:.3f}" if e.get("grad_norm") is not None else ""
-        return (
+        line = (
             f"train step {e['step']:>6}/{e['total_steps']} | loss {e['loss']:.4f} | lr {e['lr']:.2e}{gn} | "
             f"{e['tokens_per_s']:,.0f} tok/s | data {100 * e['data_wait_frac']:.0f}% | "
-            f"eta {_hms(e['eta_s'])}"
         )
+        if e.get("mfu") is not None:
+            line += f"mfu {100 * e['mfu']:.1f}% | "
+        mem = e.get("cuda_max_allocated_gb", e.get("rss_gb"))
+        if mem is not None:
+            line += f"mem {mem:.2f} GB | "
+        return line + f"eta {_hms(e['eta_s'])}"
     if e["event"] == "checkpoint":
         return f"ckpt  step {e['step']:>6} | saved in {e['save_s']:.2f} s"
     if e["event"] == "skip":
         return f"skip  step {e['step']:>6} | {e['reason']} | {len(e['sample_ids'])} samples recorded"
+    if e["event"] == "perf":
+        peak = f"{e['peak_tflops'] * 1e3:,.1f} GFLOP/s" if e.get("peak_tflops") else "none"
+        return f"perf  peak {peak} ({e['peak_source']}) | {e['flops_per_token']:,} FLOPs/token"
     return json.dumps(e)
 
 

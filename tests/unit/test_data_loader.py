@@ -57,6 +57,15 @@ def global_batches(path: Path, world: int, n: int, state: dict | None = None, **
     return [sum((per_rank[r][k] for r in range(world)), []) for k in range(n)]
 
 
+def at_position(state: dict, consumed: int) -> dict:
+    """A single-source loader state moved to another position."""
+    return {
+        **state,
+        "consumed_samples": consumed,
+        "sources": [{**state["sources"][0], "consumed_samples": consumed}],
+    }
+
+
 def stored_tokens(path: Path, split: str) -> np.ndarray:
     """All samples of a split in manifest order (the sample id order), read with plain tarfile."""
     m = load_manifest(path)
@@ -102,9 +111,9 @@ def test_seed_changes_order_and_same_seed_repeats(dataset):
 
 
 def test_shuffle_keeps_reading_within_windows(dataset):
-    ld = loader(dataset)
-    plan = ld.epoch_plan(0)
-    first_window = set(np.concatenate([np.arange(ld.counts[i]) + ld.first_ids[i] for i in plan.windows[0]]))
+    src = loader(dataset).sources[0]
+    plan = src.epoch_plan(0)
+    first_window = set(np.concatenate([np.arange(src.counts[i]) + src.first_ids[i] for i in plan.windows[0]]))
     n = int(plan.starts[1])
     assert set(sum(global_batches(dataset, 1, n // G), [])) <= first_window
 
@@ -160,16 +169,17 @@ def test_resume_skips_whole_windows_without_reading_them(dataset, tmp_path):
     copy = tmp_path / "ds"
     shutil.copytree(dataset, copy)
     ld = loader(copy)
-    plan = ld.epoch_plan(0)
-    skipped = [ld.shards[i]["path"] for i in plan.windows[0]]
+    src = ld.sources[0]
+    plan = src.epoch_plan(0)
+    skipped = [src.shards[i]["path"] for i in plan.windows[0]]
     resume = -(-int(plan.starts[1]) // G)  # the first global batch wholly after the first window
     reference = global_batches(dataset, 1, resume + 4)
     for name in skipped:
         (copy / name).rename(copy / f"{name}.moved")  # reading one of them would fail
-    ld.load_state_dict({**ld.state_dict(), "consumed_samples": resume * G})
+    ld.load_state_dict(at_position(ld.state_dict(), resume * G))
     assert ids_of(take(iter(ld), 4)) == reference[resume:]
-    assert ld.shard_reads and not set(ld.shard_reads) & set(skipped)
-    assert all(count == 1 for count in ld.shard_reads.values())
+    assert src.shard_reads and not set(src.shard_reads) & set(skipped)
+    assert all(count == 1 for count in src.shard_reads.values())
 
 
 def test_state_from_another_dataset_or_seed_is_refused(dataset, tmp_path):
@@ -254,3 +264,17 @@ def test_process_exits_cleanly_with_a_live_prefetch_thread(dataset):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([repo, os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert proc.returncode == 3, proc.stderr  # not 134: no abort from a thread left inside torch
+
+
+def test_state_saved_before_mixing_existed_still_resumes(dataset):
+    """Checkpoints from before per-source states: one source, no "sources" list."""
+    ld = loader(dataset)
+    old = {
+        k: v
+        for k, v in at_position(ld.state_dict(), 7 * G).items()
+        if k not in ("sources", "skipped_samples")
+    }
+    old["epoch"] = 0
+    ld.load_state_dict(old)
+    assert ids_of(take(iter(ld), 3)) == global_batches(dataset, 1, 10)[7:]
+    assert ld.state_dict()["sources"][0]["consumed_samples"] == 10 * G

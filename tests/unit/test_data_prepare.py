@@ -227,8 +227,9 @@ def test_reprepare_replaces_old_dataset(tmp_path):
 
 def test_long_document_is_streamed_in_pieces(tmp_path, monkeypatch):
     import trainer.data.prepare as prep
+    import trainer.data.readers as readers
 
-    monkeypatch.setattr(prep, "_MAX_PIECE_CHARS", 50)
+    monkeypatch.setattr(readers, "_MAX_PIECE_CHARS", 50)
     monkeypatch.setattr(prep, "_BATCH_CHARS", 30)
     docs = ["\n".join(f"line {i} of a long document" for i in range(40)), "short one"]
     m = prepare_dataset([write_text(tmp_path / "a.txt", docs)], tmp_path / "ds", seq_len=8)
@@ -236,3 +237,20 @@ def test_long_document_is_streamed_in_pieces(tmp_path, monkeypatch):
     expected = np.concatenate([tok.encode(d) + [tok.eot_id] for d in docs])
     stored = all_rows(tmp_path / "ds", m)
     assert np.array_equal(stored, expected[: len(stored)]) and m["stats"]["documents"] == 2
+
+
+def test_progress_reports_growing_counts_up_to_the_totals(tmp_path, monkeypatch):
+    import trainer.data.prepare as prep
+
+    monkeypatch.setattr(prep, "_BATCH_CHARS", 200)  # many batches, so many reports
+    src = write_text(tmp_path / "a.txt", DOCS * 4)
+    events: list[tuple[str, dict]] = []
+    m = prepare_dataset([src], tmp_path / "ds", seq_len=8, num_workers=2,
+                        progress=lambda stage, counts: events.append((stage, dict(counts))))  # fmt: skip
+    shards = [counts for stage, counts in events if stage == "shards"]
+    assert len(shards) > 3 and {stage for stage, _ in events} == {"shards"}
+    for key in ("bytes_read", "documents", "tokens", "samples"):
+        assert [c[key] for c in shards] == sorted(c[key] for c in shards), key
+    last = shards[-1]
+    assert last["bytes_read"] == src.stat().st_size and last["documents"] == m["stats"]["documents"]
+    assert last["tokens"] == m["stats"]["tokens"] and last["samples"] == last["tokens"] // 9

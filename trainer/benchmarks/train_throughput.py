@@ -24,8 +24,10 @@ from trainer.config import TrainConfig, register_configs
 from trainer.data.build import build_data
 from trainer.distributed import DistInfo, barrier, init_distributed
 from trainer.engine import build_engine, deepspeed_config, lr_factor
+from trainer.guard import StepControl
 from trainer.loop import resolve_vocab, train_step
 from trainer.model import GPT, num_params, optimizer_groups
+from trainer.signals import StopSignal
 from trainer.train import config_dir, to_typed
 
 
@@ -69,7 +71,8 @@ def plain_loop(cfg: TrainConfig, model: torch.nn.Module, batches: list[dict], wa
 def trainer_loop(
     cfg: TrainConfig, model: torch.nn.Module, batches: list[dict], warmup: int, dist: DistInfo
 ) -> float:
-    """The trainer's own step function on a DeepSpeed engine built from the same config."""
+    """The trainer's own step function on a DeepSpeed engine built from the same config, with the
+    per-step agreement (loss guard, stop and save flags) that `fit` runs."""
     ds_cfg = deepspeed_config(
         cfg.engine,
         cfg.optim,
@@ -80,10 +83,12 @@ def trainer_loop(
     )
     engine = build_engine(model, ds_cfg, cfg.optim, len(batches))
     engine.train()
+    control = StepControl(cfg.guard, dist, StopSignal(), save_every_s=0)  # the per-step checks, as in fit
     for i, batch in enumerate(batches):
         if i == warmup:
             start = time.perf_counter()
-        loss = train_step(engine, batch, cfg.micro_batch_size, dist.device)
+        control.step = i + 1
+        loss = train_step(engine, batch, cfg.micro_batch_size, dist.device, control)
     loss.item()  # wait for the last step on an accelerator
     return (len(batches) - warmup) * cfg.tokens_per_step() / (time.perf_counter() - start)
 

@@ -1,7 +1,10 @@
 """Data: text -> tokenizer -> packed fixed-length samples -> webdataset tar shards -> streaming loader.
 
-Modules: ``corpus`` (the built-in training corpus), ``tokenizer`` (byte / char / bpe), ``prepare``
-(writes shards and ``manifest.json``) and ``loader`` (the deterministic, resumable ``ShardLoader``).
+Modules: ``corpus`` (the built-in training corpus), ``tokenizer`` (byte / char / bpe), ``readers``
+(input files -> documents), ``prepare`` (writes shards and ``manifest.json``), ``shards`` (reads one
+shard, finds damage), ``mixture`` (weighted interleaving of several datasets), ``loader`` (the
+deterministic, resumable ``ShardLoader``), ``prefetch`` (its background thread) and ``build`` (the
+loaders from the config's data section).
 The names below are importable from ``trainer.data`` directly; the loader (which needs torch) is
 imported on first use so that preparing data does not pay for importing torch.
 """
@@ -25,6 +28,7 @@ _LAZY = {
     "prepare_builtin": "prepare",
     "load_manifest": "loader",
     "ShardLoader": "loader",
+    "Mixture": "mixture",
 }
 
 __all__ = ["DataError", *_LAZY]

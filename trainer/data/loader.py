@@ -1,38 +1,55 @@
 """The streaming loader: a global sample order fixed by (seed, epoch), sliced per rank, resumable anywhere.
 
-Global order of one epoch (train): shuffle the shard order with an RNG seeded from (seed, epoch),
-group consecutive shards into windows of ``shuffle_window`` shards, and permute the samples of
-each window with an RNG seeded from (seed, epoch, window). Shards are still read sequentially;
-only one window is held in memory. The val split keeps manifest order, so every evaluation
-sees the same samples. Epoch e+1 follows epoch e with nothing dropped.
+Order of one source (one split of one prepared dataset), per epoch: shuffle the shard order with
+an RNG seeded from (seed, epoch), group consecutive shards into windows of ``shuffle_window``
+shards, and permute the samples of each window with an RNG seeded from (seed, epoch, window).
+Shards are still read sequentially; only one window per source is held in memory. The val split
+keeps manifest order, so every evaluation sees the same samples. Epoch e+1 follows epoch e with
+nothing dropped. A train loader reads the next window in a background thread while the current one
+is consumed, so a window boundary does not stall training.
 
-Global batch k is global positions [k*G, (k+1)*G); rank r of W takes [k*G + r*G/W, k*G + (r+1)*G/W).
-So the samples of batch k, and their order, do not depend on the world size, and the state is
-just the number of samples consumed: a loader on any world size continues at the next batch,
-opening only the windows that hold its positions. Every rank reads whole windows (W times the
-I/O of a disjoint split), which keeps the order exact and is cheap next to a model step.
+Several sources are interleaved into one global stream by a weighted ``Mixture``: position p draws
+the next sample of the source the mixture picks for it. Each source keeps its own order and epochs
+(a small source with a large weight simply repeats sooner). One source is the mixture of one.
+
+Global batch k is the next G positions of the stream; rank r of W takes entries [r*G/W, (r+1)*G/W)
+of it. So the samples of batch k, and their order, do not depend on the world size, and the state
+is just the number of positions consumed from each source: a loader on any world size continues
+at the next batch, opening only the windows that hold its positions. Every rank reads whole windows
+(W times the I/O of a disjoint split), which keeps the order exact and is cheap next to a model step.
+
+``on_corrupt="skip"``: a sample that cannot be trusted (its shard missing, truncated, unreadable,
+or failing its sha256 with ``verify``) is passed over, and the batch is filled with the next intact
+positions of the stream. Every rank scans the whole batch, so all ranks agree on which positions a
+batch used; the state after the batch counts the skipped positions as consumed, so a resumed run
+never revisits them. ``stats()["data_skipped"]`` counts them over the run.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import queue
-import threading
+import logging
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import torch
-import webdataset as wds
-from webdataset import tariterators
 
 from trainer.data import DataError
-from trainer.data.prepare import FIELD, FORMAT, FORMAT_VERSION, MANIFEST, SPLITS
+from trainer.data.mixture import Mixture
+from trainer.data.prefetch import LoaderIterator
+from trainer.data.prepare import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS
+from trainer.data.shards import read_shard
+
+log = logging.getLogger("trainer")
 
 _DTYPES = {"uint16": "<u2", "uint32": "<u4"}
 _SHARD_KEYS = {"path": str, "samples": int, "sha256": str, "bytes": int}
+ON_CORRUPT = ("error", "skip")
 
 
 def _manifest_problem(m: Any) -> str | None:
@@ -103,117 +120,171 @@ class _EpochPlan:
         return _rng(self.seed, self.epoch, 1, w).permutation(size) if self.shuffle else np.arange(size)
 
 
-class _HashingReader:
-    """A read-only stream that hashes what passes through it (sha256 check in the same single read)."""
+@dataclass
+class _Reading:
+    """How a source reads its shards (the same for every source of one loader)."""
 
-    def __init__(self, stream: Any):
-        self.stream, self.digest = stream, hashlib.sha256()
-
-    def read(self, n: int = -1) -> bytes:
-        data = self.stream.read(n)
-        self.digest.update(data)
-        return data
-
-    def drain(self) -> str:
-        while self.read(1 << 20):
-            pass
-        return self.digest.hexdigest()
+    seed: int
+    window: int
+    shuffle: bool
+    verify: bool
+    skip: bool
+    warn: bool  # log skipped shards (rank 0 only, so a bad shard is reported once, not W times)
+    read_ahead: bool  # read the next window in a background thread while this one is consumed
 
 
-class _Prefetcher:
-    """Runs a generator in one background thread, handing its items over through a bounded queue.
+class Source:
+    """One split of one prepared dataset, read by position in its own endless (seed, epoch) order."""
 
-    One producer and FIFO order: the items and their order are exactly the generator's. The thread
-    is not a daemon: a daemon thread still inside torch when the interpreter finalizes aborts the
-    process. Instead it stops on close() or once the main thread has finished.
-    """
+    def __init__(self, dataset_dir: str | Path, split: str, how: _Reading):
+        self.dir, self.split, self.how = Path(dataset_dir), split, how
+        self.manifest = load_manifest(self.dir)
+        if split not in self.manifest["splits"]:
+            raise ValueError(f"split={split!r} is not in {self.dir / MANIFEST}: use one of {SPLITS}")
+        self.seq_len, self.dtype = self.manifest["seq_len"], _DTYPES[self.manifest["dtype"]]
+        self.shards = self.manifest["splits"][split]["shards"]
+        self.counts = np.array([s["samples"] for s in self.shards], dtype=np.int64)
+        self.first_ids = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
+        self.num_samples = int(self.counts.sum())
+        if self.num_samples == 0:
+            raise DataError(f"{self.dir / MANIFEST}: split {split!r} has no samples: prepare more data")
+        blob = json.dumps([[s["samples"], s["sha256"]] for s in self.shards]).encode()  # content, not paths
+        self.fingerprint = hashlib.sha256(blob).hexdigest()
+        self.shard_reads: Counter[str] = Counter()  # times each shard was read (observability, tests)
+        self._warned: set[str] = set()
 
-    _END = object()
+    def epoch_plan(self, epoch: int) -> _EpochPlan:
+        """Which shards form each window of ``epoch``, in order, and where each window starts."""
+        return _EpochPlan(self.counts, epoch, self.how.seed, self.how.window, self.how.shuffle)
 
-    def __init__(self, source: Iterator[Any], depth: int):
-        self._queue: queue.Queue = queue.Queue(depth)
-        self._stop = threading.Event()
-        self._done = False
-        threading.Thread(target=self._run, args=(source,), name="ShardLoader-prefetch").start()
+    def take(self, first: int, count: int, cache: dict[str, Any]) -> tuple[np.ndarray, ...]:
+        """(ids, rows, valid) at this source's positions [first, first + count), across windows/epochs.
 
-    def _run(self, source: Iterator[Any]) -> None:
-        try:
-            for item in source:
-                if not self._put((item, None)):
-                    return
-            self._put((self._END, None))
-        except BaseException as exn:  # handed to the consumer, re-raised there
-            self._put((self._END, exn))
+        ``cache`` holds one pass' epoch plan and its one window, already in the epoch's order, so a
+        run of positions within a window is a slice (a view: the caller copies what it keeps).
+        """
+        ids, rows, valid = [], [], []
+        pos, end = first, first + count
+        while pos < end:
+            epoch, offset = divmod(pos, self.num_samples)
+            if cache.get("epoch") != epoch:
+                kept = {k: cache[k] for k in ("ahead", "pool") if k in cache}  # the read-ahead carries on
+                cache.clear()
+                cache.update(epoch=epoch, plan=self.epoch_plan(epoch), **kept)
+            plan = cache["plan"]
+            w = plan.window_of(offset)
+            if cache.get("window") != w:
+                cache.pop("rows", None)  # free the old window before reading the next one
+                cache.update(window=w, **self._window(plan, w, cache))
+            j = offset - int(plan.starts[w])
+            k = min(end - pos, len(cache["ids"]) - j)
+            ids.append(cache["ids"][j : j + k])
+            rows.append(cache["rows"][j : j + k])
+            valid.append(cache["valid"][j : j + k])
+            pos += k
+        return tuple(parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in (ids, rows, valid))
 
-    def _put(self, entry: tuple) -> bool:
-        # Poll, so that close() or the end of the main thread frees a producer blocked on a full queue.
-        while not self._stop.is_set() and threading.main_thread().is_alive():
-            try:
-                self._queue.put(entry, timeout=0.05)
-                return True
-            except queue.Full:
-                pass
-        return False
+    def _window(self, plan: _EpochPlan, w: int, cache: dict[str, Any]) -> dict[str, np.ndarray]:
+        """Window ``w`` of ``plan``'s epoch (from the read-ahead when it has it); starts reading the next.
 
-    def __next__(self) -> Any:
-        if self._done:
-            raise StopIteration
-        item, exn = self._queue.get()
-        if item is self._END:
-            self._done = True
-            if exn is not None:
-                raise exn
-            raise StopIteration
-        return item
+        With read-ahead two windows per source are in memory: the one in use and the next.
+        """
+        ahead = cache.pop("ahead", None)
+        if ahead is not None and ahead[0] == (plan.epoch, w):
+            window = ahead[1].result()  # a read error surfaces here, where the window is needed
+        else:
+            window = self._load_window(plan, w)
+        if self.how.read_ahead:
+            following = (plan, w + 1) if w + 1 < len(plan.windows) else (self.epoch_plan(plan.epoch + 1), 0)
+            pool = cache.setdefault("pool", ThreadPoolExecutor(1, thread_name_prefix="ShardLoader-read"))
+            cache["ahead"] = ((following[0].epoch, following[1]), pool.submit(self._load_window, *following))
+        return window
 
-    def close(self) -> None:
-        self._done = True
-        self._stop.set()
+    def _load_window(self, plan: _EpochPlan, w: int) -> dict[str, np.ndarray]:
+        """Window ``w`` of ``plan``'s epoch, its samples permuted into the epoch's order."""
+        window = self._read_window(plan.windows[w])
+        if not plan.shuffle:
+            return window
+        perm = plan.permutation(w)
+        return {key: array[perm] for key, array in window.items()}
+
+    def _read_window(self, shard_indices: np.ndarray) -> dict[str, np.ndarray]:
+        """All samples of the window's shards, read shard after shard: rows [n, seq_len+1], ids, valid."""
+        counts = self.counts[shard_indices]
+        rows = np.empty((int(counts.sum()), self.seq_len + 1), self.dtype)
+        payload = rows.view(np.uint8)  # each shard's payloads are copied straight into their rows
+        ends = np.cumsum(counts)
+        valid = [self._read_shard(int(i), payload[e - n : e]) for i, n, e in zip(shard_indices, counts, ends)]
+        ids = [np.arange(self.counts[i]) + self.first_ids[i] for i in shard_indices]
+        return {"rows": rows, "valid": np.concatenate(valid), "ids": np.concatenate(ids)}
+
+    def _read_shard(self, index: int, out: np.ndarray) -> np.ndarray:
+        shard = self.shards[index]
+        url = _shard_url(self.dir, shard["path"])
+        self.shard_reads[shard["path"]] += 1
+        valid, problem = read_shard(url, out, shard["sha256"] if self.how.verify else None)
+        if problem is not None:
+            if not self.how.skip:
+                raise DataError(
+                    f"shard {url}: {problem}: restore the file or prepare the data again "
+                    "(or set data.on_corrupt=skip to train on without its bad samples)"
+                )
+            if self.how.warn and url not in self._warned:
+                self._warned.add(url)
+                bad = int((~valid).sum())
+                log.warning(
+                    "shard %s: %s: skipping its %d bad samples (data.on_corrupt=skip)", url, problem, bad
+                )
+        return valid
 
 
-class _LoaderIterator:
-    """One pass of a ShardLoader; the loader's position advances only when a batch is handed out."""
+@dataclass(frozen=True)
+class _Position:
+    counts: tuple[int, ...]  # positions consumed from each source's order (skipped ones included)
+    skipped: int = 0  # of all those, positions skipped as corrupt
 
-    def __init__(self, loader: ShardLoader, start: int):
-        self._loader = loader
-        source = loader._batches(start)
-        self._items = _Prefetcher(source, loader.prefetch) if loader.prefetch > 0 else source
-        self._closed = False
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
 
-    def __iter__(self) -> _LoaderIterator:
-        return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
-        if self._closed:
-            raise StopIteration
-        end, batch = next(self._items)
-        self._loader._consumed = end
-        return batch
-
-    def close(self) -> None:
-        self._closed = True
-        if isinstance(self._items, _Prefetcher):
-            self._items.close()
-
-    def __del__(self) -> None:
-        self.close()
+def _check_compatible(sources: list[Source]) -> None:
+    """Mixed sources must be interchangeable samples: one seq_len and one tokenizer."""
+    first = sources[0]
+    ident = first.manifest["tokenizer"].get("identity")
+    for src in sources[1:]:
+        if src.seq_len != first.seq_len:
+            raise DataError(
+                f"{src.dir / MANIFEST}: seq_len={src.seq_len} but {first.dir / MANIFEST} has seq_len="
+                f"{first.seq_len}: mixed sources need one seq_len: prepare them with the same seq_len"
+            )
+        if src.manifest["tokenizer"].get("identity") != ident:
+            raise DataError(
+                f"{src.dir / MANIFEST}: its tokenizer differs from the one of {first.dir / MANIFEST}: "
+                f"mixed sources need one tokenizer: prepare it with tokenizer={first.dir / 'tokenizer'}"
+            )
 
 
 class ShardLoader:
     """Iterates this rank's slice of each global batch: dicts of ``input_ids`` and ``labels``
-    (LongTensor [G/W, seq_len]) and ``sample_ids`` (LongTensor [G/W], stable global ids: the
-    sample's index over the split's shards in manifest order).
+    (LongTensor [G/W, seq_len]), ``sample_ids`` (LongTensor [G/W], stable global ids: the sample's
+    index over its split's shards in manifest order, plus the sizes of the sources listed before
+    its own) and ``source`` (LongTensor [G/W], the index of the sample's source).
 
-    ``infinite=True`` (train) runs epoch after epoch; the position lives in the loader, so a new
-    ``iter()`` continues where the last one stopped. ``infinite=False`` (val) makes one pass that
-    ends after the last full global batch (the final ``samples % G`` are dropped); each new
-    ``iter()`` starts again from the beginning, unless a state was just loaded. Only the newest
-    iterator of a loader is live. ``shuffle`` defaults to True except for the ``val`` split.
+    ``dataset`` is a prepared dataset directory, or ``[(directory, weight), ...]`` to mix several
+    (see ``trainer.data.mixture``). ``infinite=True`` (train) runs on forever, each source epoch
+    after epoch; the position lives in the loader, so a new ``iter()`` continues where the last one
+    stopped. ``infinite=False`` (val) makes one pass of as many samples as its sources hold together,
+    in whole global batches (the tail is dropped; in a mixture, a source that runs out starts over);
+    each new ``iter()`` starts again from the beginning, unless a state was just loaded. Only the
+    newest iterator of a loader is live. ``shuffle`` defaults to True except for the ``val`` split.
+    ``on_corrupt``: ``error`` raises a DataError naming the shard, ``skip`` passes over bad samples
+    (see the module docstring).
     """
 
     def __init__(
         self,
-        dataset_dir: str | Path,
+        dataset: str | Path | Sequence[tuple[str | Path, float]],
         split: str,
         global_batch_size: int,
         rank: int = 0,
@@ -224,74 +295,92 @@ class ShardLoader:
         shuffle: bool | None = None,
         verify: bool = False,
         prefetch: int = 2,
+        on_corrupt: str = "error",
     ):
         if global_batch_size <= 0 or global_batch_size % world_size:
             raise ValueError(
                 f"global_batch_size={global_batch_size} must be a positive multiple of "
                 f"world_size={world_size}: change global_batch_size"
             )
-        if not 0 <= rank < world_size or shuffle_window <= 0:
-            raise ValueError(f"need 0 <= rank={rank} < world_size={world_size} and shuffle_window >= 1")
-        self.dir = Path(dataset_dir)
-        manifest = load_manifest(self.dir)
-        if split not in manifest["splits"]:
-            raise ValueError(f"split={split!r} is not in {self.dir / MANIFEST}: use one of {SPLITS}")
+        if not 0 <= rank < world_size or shuffle_window <= 0 or on_corrupt not in ON_CORRUPT:
+            raise ValueError(
+                f"need 0 <= rank={rank} < world_size={world_size}, shuffle_window >= 1 and "
+                f"on_corrupt in {ON_CORRUPT}"
+            )
+        pairs = [(dataset, 1.0)] if isinstance(dataset, (str, Path)) else [(p, float(w)) for p, w in dataset]
         self.split, self.seed, self.window, self.infinite = split, seed, shuffle_window, infinite
         self.global_batch_size, self.rank, self.world_size = global_batch_size, rank, world_size
         self.shuffle = split != "val" if shuffle is None else shuffle
-        self.verify, self.prefetch = verify, prefetch
-        self.seq_len, self.dtype = manifest["seq_len"], _DTYPES[manifest["dtype"]]
-        self.shards = manifest["splits"][split]["shards"]
-        self.counts = np.array([s["samples"] for s in self.shards], dtype=np.int64)
-        self.first_ids = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
-        self.num_samples = int(self.counts.sum())
-        if self.num_samples == 0:
-            raise DataError(f"{self.dir / MANIFEST}: split {split!r} has no samples: prepare more data")
-        blob = json.dumps([[s["samples"], s["sha256"]] for s in self.shards]).encode()  # content, not paths
-        self.fingerprint = hashlib.sha256(blob).hexdigest()
-        self._consumed = 0
+        self.prefetch, self.skip = prefetch, on_corrupt == "skip"
+        how = _Reading(seed, shuffle_window, self.shuffle, verify, self.skip, rank == 0, read_ahead=infinite)
+        self.weights = [w for _, w in pairs]
+        self.mixture = Mixture(self.weights)
+        self.sources = [Source(path, split, how) for path, _ in pairs]
+        _check_compatible(self.sources)
+        self.seq_len, self.dtype = self.sources[0].seq_len, self.sources[0].dtype
+        sizes = [s.num_samples for s in self.sources]
+        self.sizes, self.offsets, self.num_samples = np.array(sizes), np.cumsum([0] + sizes[:-1]), sum(sizes)
+        prints = [s.fingerprint for s in self.sources]
+        self.fingerprint = (
+            prints[0] if len(prints) == 1 else hashlib.sha256(json.dumps(prints).encode()).hexdigest()
+        )
+        self._position = _Position((0,) * len(self.sources))
         self._resumed = False
-        self._active: _LoaderIterator | None = None
-        self.shard_reads: Counter[str] = Counter()  # times each shard was read (observability, tests)
+        self._active: LoaderIterator | None = None
 
     def stats(self) -> dict[str, float]:
         """Counters for the trainer's metrics (merged into every train log event)."""
-        return {}
+        out: dict[str, float] = {}
+        if self.skip:
+            out["data_skipped"] = self._position.skipped
+        total = self._position.total
+        if len(self.sources) > 1 and total:
+            out |= {f"data_mix_{i}": c / total for i, c in enumerate(self._position.counts)}
+        return out
 
     def __len__(self) -> int:
-        """Global batches in one epoch (whole batches only)."""
+        """Global batches in one pass of a finite loader (an epoch's worth; whole batches only)."""
         return self.num_samples // self.global_batch_size
 
-    def __iter__(self) -> _LoaderIterator:
+    def __iter__(self) -> LoaderIterator:
         if self._active is not None:
             self._active.close()
         if not self.infinite and not self._resumed:
-            self._consumed = 0
+            self._position = _Position((0,) * len(self.sources))
         self._resumed = False
-        self._active = _LoaderIterator(self, self._consumed)
+        self._active = LoaderIterator(self, self._position)
         return self._active
 
     def state_dict(self) -> dict[str, Any]:
-        """Samples consumed (global, over all epochs) plus what must match on resume."""
+        """Positions consumed (global, over all epochs; per source) plus what must match on resume."""
+        pos = self._position
+        sources = [
+            {
+                "path": str(s.dir),
+                "weight": w,
+                "dataset": s.fingerprint,
+                "num_samples": s.num_samples,
+                "consumed_samples": c,
+                "epoch": c // s.num_samples,
+            }
+            for s, w, c in zip(self.sources, self.weights, pos.counts)
+        ]
         return {
-            "consumed_samples": self._consumed,
-            "epoch": self._consumed // self.num_samples,
+            "consumed_samples": pos.total,
+            "skipped_samples": pos.skipped,
             "split": self.split,
             "seed": self.seed,
             "shuffle_window": self.window,
             "shuffle": self.shuffle,
             "num_samples": self.num_samples,
             "dataset": self.fingerprint,
+            "sources": sources,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue at ``state["consumed_samples"]``; the next batch is that position's global batch."""
+        """Continue at the saved position; the next batch is that position's global batch."""
+        counts = self._saved_counts(state)
         mine = self.state_dict()
-        if state.get("dataset") != mine["dataset"] or state.get("num_samples") != mine["num_samples"]:
-            raise DataError(
-                f"the saved loader state belongs to a different {self.split!r} split than {self.dir}: "
-                "resume with the same dataset, or start a new run"
-            )
         for key in ("seed", "shuffle_window", "shuffle"):
             if state.get(key) != mine[key]:
                 raise ValueError(
@@ -301,95 +390,112 @@ class ShardLoader:
         if self._active is not None:
             self._active.close()  # its prefetched batches belong to the old position
             self._active = None
-        self._consumed = int(state["consumed_samples"])
+        self._position = _Position(counts, int(state.get("skipped_samples", 0)))
         self._resumed = True
+
+    def _saved_counts(self, state: dict[str, Any]) -> tuple[int, ...]:
+        """Per-source positions of a saved state, after checking it belongs to these sources."""
+        saved = state.get("sources") or [{**state, "weight": 1.0}]  # older states: one source, no list
+        if len(saved) != len(self.sources):
+            raise DataError(
+                f"the saved loader state mixes {len(saved)} sources, this loader {len(self.sources)}: "
+                "resume with the same data.sources, or start a new run"
+            )
+        for i, (entry, src, weight) in enumerate(zip(saved, self.sources, self.weights)):
+            if entry.get("dataset") != src.fingerprint or entry.get("num_samples") != src.num_samples:
+                raise DataError(
+                    f"the saved loader state belongs to a different {self.split!r} split than {src.dir} "
+                    f"(source {i}): resume with the same dataset, or start a new run"
+                )
+            if entry.get("weight") != weight:
+                raise ValueError(
+                    f"the saved loader state has weight {entry.get('weight')} for source {i} ({src.dir}) but "
+                    f"this loader {weight}: exact resume needs the same weights"
+                )
+        counts = tuple(int(entry["consumed_samples"]) for entry in saved)
+        if sum(counts) != state.get("consumed_samples"):
+            raise DataError(
+                f"the saved loader state is inconsistent: consumed_samples={state.get('consumed_samples')} "
+                f"but its sources consumed {list(counts)}: resume from an unmodified checkpoint"
+            )
+        if state.get("dataset") != self.fingerprint:
+            raise DataError(
+                f"the saved loader state belongs to a different {self.split!r} split: start a new run"
+            )
+        return counts
 
     # ---- producing batches (runs in the prefetch thread when prefetch > 0) ----
 
-    def _batches(self, start: int) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    def _batches(self, start: _Position) -> Iterator[tuple[_Position, dict[str, torch.Tensor]]]:
         """(position after the batch, this rank's slice) for global batches from position ``start``."""
-        per_rank = self.global_batch_size // self.world_size
-        cache: dict[str, Any] = {}  # this pass' epoch plan and its one window in memory
+        caches: list[dict[str, Any]] = [{} for _ in self.sources]  # this pass' plan and window, per source
         pos = start
-        while self.infinite or pos + self.global_batch_size <= self.num_samples:
-            first = pos + self.rank * per_rank
-            ids, rows = self._take(first, per_rank, cache)
-            yield pos + self.global_batch_size, self._to_batch(ids, rows)
-            pos += self.global_batch_size
-
-    def _take(self, first: int, count: int, cache: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        """Sample ids and rows at global positions [first, first + count), which may span windows/epochs."""
-        ids, rows = [], []
-        pos, end = first, first + count
-        while pos < end:
-            epoch, offset = divmod(pos, self.num_samples)
-            if cache.get("epoch") != epoch:
-                cache.clear()
-                cache.update(epoch=epoch, plan=self.epoch_plan(epoch))
-            plan = cache["plan"]
-            w = plan.window_of(offset)
-            if cache.get("window") != w:
-                cache.pop("rows", None)  # free the old window before reading the next one
-                cache.update(window=w, perm=plan.permutation(w), **self._read_window(plan.windows[w]))
-            j = offset - int(plan.starts[w])
-            picked = cache["perm"][j : j + min(end - pos, len(cache["perm"]) - j)]
-            ids.append(cache["ids"][picked])
-            rows.append(cache["rows"][picked])
-            pos += len(picked)
-        return np.concatenate(ids), np.concatenate(rows)
-
-    def epoch_plan(self, epoch: int) -> _EpochPlan:
-        """Which shards form each window of ``epoch``, in order, and where each window starts."""
-        return _EpochPlan(self.counts, epoch, self.seed, self.window, self.shuffle)
-
-    def _read_window(self, shard_indices: np.ndarray) -> dict[str, np.ndarray]:
-        """All samples of the window's shards, read shard after shard: rows [n, seq_len+1] and ids [n]."""
-        rows = [self._read_shard(int(i)) for i in shard_indices]
-        ids = [np.arange(self.counts[i]) + self.first_ids[i] for i in shard_indices]
-        return {"rows": np.concatenate(rows), "ids": np.concatenate(ids)}
-
-    def _read_shard(self, index: int) -> np.ndarray:
-        shard = self.shards[index]
-        url = _shard_url(self.dir, shard["path"])
-        self.shard_reads[shard["path"]] += 1
-        payloads = []
         try:
-            stream = wds.gopen(url, "rb")  # local path, URL or pipe: command
-            reader = _HashingReader(stream) if self.verify else stream
-            files = tariterators.tar_file_expander([{"url": url, "stream": reader}])
-            for sample in tariterators.group_by_keys(files):
-                payloads.append(sample.get(FIELD, b""))
-            digest = reader.drain() if self.verify else None
-            stream.close()
-        except Exception as exn:  # tarfile errors carry webdataset's extra args: keep the message
-            reason = getattr(exn, "strerror", None) or (exn.args[0] if exn.args else type(exn).__name__)
-            raise DataError(
-                f"shard {url}: cannot read it ({reason}): restore the file or prepare the data again"
-            ) from exn
-        self._check_shard(url, shard, payloads, digest)
-        return np.frombuffer(b"".join(payloads), self.dtype).reshape(len(payloads), self.seq_len + 1)
+            while (step := self._next_batch(pos, caches)) is not None:
+                pos, batch = step
+                yield pos, batch
+        finally:  # the pass ends or is abandoned: stop its read-ahead threads
+            for cache in caches:
+                if "pool" in cache:
+                    cache["pool"].shutdown(wait=False, cancel_futures=True)
 
-    def _check_shard(
-        self, url: str, shard: dict[str, Any], payloads: list[bytes], digest: str | None
-    ) -> None:
-        if len(payloads) != shard["samples"]:
-            raise DataError(
-                f"shard {url}: holds {len(payloads)} samples but the manifest says {shard['samples']} "
-                "(truncated or replaced): restore the file or prepare the data again"
-            )
-        size = (self.seq_len + 1) * np.dtype(self.dtype).itemsize
-        if any(len(p) != size for p in payloads):
-            raise DataError(f"shard {url}: a sample's {FIELD} is not {size} bytes: prepare the data again")
-        if digest is not None and digest != shard["sha256"]:
-            raise DataError(
-                f"shard {url}: sha256 differs from the manifest: restore the file or prepare again"
-            )
+    def _next_batch(self, pos: _Position, caches: list[dict]) -> tuple[_Position, dict] | None:
+        """The next global batch's position after it and this rank's slice; None when a finite pass ends."""
+        G = self.global_batch_size
+        lo, hi = self.rank * G // self.world_size, (self.rank + 1) * G // self.world_size
+        counts = np.array(pos.counts, np.int64)
+        if not self.skip:  # every position is used: read only this rank's slice
+            picks = self.mixture.picks(counts, G)
+            after = counts + self._tally(picks)
+            if not self._fits(after):
+                return None
+            src, ids, rows, _ = self._fetch(counts + self._tally(picks[:lo]), picks[lo:hi], caches)
+            return _Position(tuple(after.tolist()), pos.skipped), self._to_batch(src, ids, rows)
+        start, parts, got = counts, [], 0
+        while got < G:  # scan on until G intact samples: identical on every rank
+            picks = self.mixture.picks(counts, G - got)
+            after = counts + self._tally(picks)
+            if not self._fits(after):
+                return None
+            *fetched, ok = self._fetch(counts, picks, caches)
+            parts.append([a[ok] for a in fetched])
+            got, counts = got + int(ok.sum()), after
+            if got == 0 and (counts - start >= self.sizes).all():
+                dirs = ", ".join(str(s.dir) for s in self.sources)
+                raise DataError(
+                    f"{dirs}: no intact sample in a whole epoch of {self.split!r}: prepare the data again"
+                )
+        src, ids, rows = (np.concatenate([p[i] for p in parts])[lo:hi] for i in range(3))
+        skipped = int((counts - start).sum()) - G
+        return _Position(tuple(counts.tolist()), pos.skipped + skipped), self._to_batch(src, ids, rows)
+
+    def _tally(self, picks: np.ndarray) -> np.ndarray:
+        if len(self.sources) == 1:
+            return np.array([len(picks)])
+        return np.bincount(picks, minlength=len(self.sources))
+
+    def _fits(self, counts: np.ndarray) -> bool:
+        return self.infinite or int(counts.sum()) <= self.num_samples
+
+    def _fetch(self, counts: np.ndarray, picks: np.ndarray, caches: list[dict]) -> tuple[np.ndarray, ...]:
+        """(source, id, row, valid) of the positions whose sources are ``picks``, starting at ``counts``."""
+        if len(self.sources) == 1:
+            return (picks, *self.sources[0].take(int(counts[0]), len(picks), caches[0]))
+        ids, valid = np.empty(len(picks), np.int64), np.empty(len(picks), bool)
+        rows = np.empty((len(picks), self.seq_len + 1), self.dtype)
+        for s, source in enumerate(self.sources):
+            mask = picks == s
+            if mask.any():
+                i, r, v = source.take(int(counts[s]), int(mask.sum()), caches[s])
+                ids[mask], rows[mask], valid[mask] = i + self.offsets[s], r, v
+        return picks, ids, rows, valid
 
     @staticmethod
-    def _to_batch(ids: np.ndarray, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        tokens = torch.from_numpy(rows.astype(np.int64))  # [G/W, seq_len + 1]
+    def _to_batch(src: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> dict[str, torch.Tensor]:
+        # rows [G/W, seq_len + 1]; astype of each view writes a contiguous int64 copy in one pass
         return {
-            "input_ids": tokens[:, :-1].contiguous(),
-            "labels": tokens[:, 1:].contiguous(),
+            "input_ids": torch.from_numpy(rows[:, :-1].astype(np.int64)),
+            "labels": torch.from_numpy(rows[:, 1:].astype(np.int64)),
             "sample_ids": torch.from_numpy(ids.astype(np.int64)),
+            "source": torch.from_numpy(src.astype(np.int64)),
         }

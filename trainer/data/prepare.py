@@ -1,9 +1,7 @@
 """Prepare a dataset: text / JSON Lines -> tokens -> packed samples -> webdataset tar shards + manifest.
 
-Inputs are files, directories (searched recursively for .txt/.text/.md and .jsonl/.ndjson/.json,
-optionally .gz) and glob patterns, read in the given order (each expansion sorted) and streamed
-line by line. A plain-text file holds documents separated by blank lines (a line with only
-whitespace); a JSON Lines file holds one object per line with the text under ``text_field``.
+Inputs (files, directories, globs; see ``readers``) are streamed, never read whole; tokenization
+runs in ``num_workers`` processes, in input order.
 
 Every document's ids are followed by the end-of-text id and the stream is cut into samples of
 ``seq_len + 1`` tokens (the final partial sample is dropped). In each block of
@@ -18,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import glob
-import gzip
 import hashlib
 import json
 import multiprocessing
@@ -30,13 +26,14 @@ import uuid
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import webdataset as wds
 
 from trainer.data import DataError
 from trainer.data.corpus import CORPUS_VERSION, write_builtin_corpus
+from trainer.data.readers import ReadCounter, expand_inputs, iter_documents
 from trainer.data.tokenizer import Tokenizer, build_tokenizer
 
 FORMAT = "trainer.tokens"
@@ -45,146 +42,27 @@ MANIFEST = "manifest.json"
 FIELD = "tokens.bin"
 SPLITS = ("train", "val")
 TOKENIZER_DIR = "tokenizer"
-TEXT_SUFFIXES = {".txt", ".text", ".md"}
-JSONL_SUFFIXES = {".jsonl", ".ndjson", ".json"}
-_MAX_PIECE_CHARS = 1 << 22  # a longer document is tokenized in pieces, so no file is held whole
 _BATCH_CHARS = 1 << 20  # characters per tokenization task
 BUILTIN_DOCS = 6000
+Progress = Callable[[str, dict[str, int]], None]  # (stage, counts) -> None
 BUILTIN_VAL_FRACTION = 0.02
-
-
-# ---- inputs ---------------------------------------------------------------------------------
-
-
-def _suffix(path: Path) -> str:
-    suffixes = [s.lower() for s in path.suffixes]
-    if suffixes and suffixes[-1] == ".gz":
-        suffixes.pop()
-    return suffixes[-1] if suffixes else ""
-
-
-def _dir_files(directory: Path) -> list[Path]:
-    known = TEXT_SUFFIXES | JSONL_SUFFIXES
-    files = [
-        p
-        for p in sorted(directory.rglob("*"))
-        if p.is_file()
-        and _suffix(p) in known
-        and not any(part.startswith(".") for part in p.relative_to(directory).parts)  # skip hidden
-    ]
-    if not files:
-        raise DataError(
-            f"{directory}: no .txt/.md/.jsonl/.json files inside: point to a file or glob instead"
-        )
-    return files
-
-
-def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files to read, in order: each input is a file, a directory or a glob pattern."""
-    files: list[Path] = []
-    for item in [inputs] if isinstance(inputs, (str, Path)) else inputs:
-        text = str(item)
-        if any(c in text for c in "*?[") and not Path(text).exists():
-            matches = sorted(glob.glob(text, recursive=True))
-            if not matches:
-                raise DataError(f"{text}: the pattern matches no file: check the path")
-            for match in map(Path, matches):
-                files += _dir_files(match) if match.is_dir() else [match]
-        elif Path(text).is_dir():
-            files += _dir_files(Path(text))
-        elif Path(text).is_file():
-            files.append(Path(text))
-        else:
-            raise DataError(f"{text}: no such file or directory: check the input path")
-    if not files:
-        raise DataError("no input files given: pass at least one file, directory or glob")
-    return files
-
-
-def _open_text(path: Path) -> IO[str]:
-    if path.suffix.lower() == ".gz":
-        return gzip.open(path, "rt", encoding="utf-8")
-    return open(path, encoding="utf-8")
-
-
-@contextlib.contextmanager
-def _reading(path: Path) -> Iterator[IO[str]]:
-    """Open ``path`` as UTF-8 text; I/O and decoding errors become a DataError naming the file."""
-    try:
-        with _open_text(path) as f:
-            yield f
-    except UnicodeDecodeError as exn:
-        raise DataError(
-            f"{path}: not UTF-8 text ({exn.reason} at byte {exn.start}): convert it to UTF-8"
-        ) from exn
-    except (OSError, EOFError) as exn:
-        raise DataError(f"{path}: cannot read ({exn}): check the file") from exn
-
-
-def _text_pieces(path: Path) -> Iterator[tuple[str, bool]]:
-    """(text, ends_document) pieces of the blank-line separated documents of a text file."""
-    lines: list[str] = []
-    size = 0
-    with _reading(path) as f:
-        for line in f:
-            if line.strip():
-                lines.append(line)
-                size += len(line)
-                if size >= _MAX_PIECE_CHARS:  # keep the last line: the document's end strips its newline
-                    yield "".join(lines[:-1]), False
-                    lines, size = lines[-1:], len(lines[-1])
-            elif lines:
-                yield "".join(lines).removesuffix("\n"), True
-                lines, size = [], 0
-    if lines:
-        yield "".join(lines).removesuffix("\n"), True
-
-
-def _jsonl_pieces(path: Path, text_field: str) -> Iterator[tuple[str, bool]]:
-    with _reading(path) as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except ValueError as exn:
-                raise DataError(
-                    f"{path}:{lineno}: not valid JSON ({exn}): JSON Lines needs one object per line; "
-                    "fix or delete the line"
-                ) from None
-            text = record.get(text_field) if isinstance(record, dict) else None
-            if not isinstance(text, str):
-                raise DataError(
-                    f"{path}:{lineno}: no string field {text_field!r}: "
-                    "set text_field to the key that holds the text"
-                )
-            if text:
-                yield text, True
-
-
-def iter_documents(files: list[Path], text_field: str = "text") -> Iterator[tuple[str, bool]]:
-    """(text, ends_document) pieces of every document in ``files``; long documents come in pieces."""
-    for path in files:
-        if _suffix(path) in JSONL_SUFFIXES:
-            yield from _jsonl_pieces(path, text_field)
-        else:
-            yield from _text_pieces(path)
 
 
 # ---- tokenize and pack -------------------------------------------------------------------------
 
 
-def _batched(pieces: Iterator[tuple[str, bool]]) -> Iterator[list[tuple[str, bool]]]:
+def _batched(pieces: Iterator[tuple[str, bool]], counter: ReadCounter) -> Iterator[tuple[list, tuple]]:
+    """Batches of about _BATCH_CHARS characters, each with (documents it ends, input bytes read by then)."""
     batch: list[tuple[str, bool]] = []
     size = 0
     for piece in pieces:
         batch.append(piece)
         size += len(piece[0])
         if size >= _BATCH_CHARS:
-            yield batch
+            yield batch, (sum(ends for _, ends in batch), counter.bytes)
             batch, size = [], 0
     if batch:
-        yield batch
+        yield batch, (sum(ends for _, ends in batch), counter.bytes)
 
 
 def _encode(tokenizer: Tokenizer, batch: list[tuple[str, bool]]) -> np.ndarray:
@@ -209,26 +87,34 @@ def _encode_in_worker(batch: list[tuple[str, bool]]) -> np.ndarray:
     return _encode(_WORKER_TOKENIZER, batch)
 
 
-def _token_chunks(tokenizer: Tokenizer, batches: Iterator[list], num_workers: int) -> Iterator[np.ndarray]:
-    """Encoded batches in input order; with workers, at most 2 per worker in flight (bounded memory)."""
+def _token_chunks(
+    tokenizer: Tokenizer, batches: Iterator[tuple[list, tuple]], num_workers: int
+) -> Iterator[tuple[np.ndarray, tuple]]:
+    """(ids, the batch's tag) in input order; with workers, at most 2 per worker in flight."""
     if num_workers <= 1:
-        yield from (_encode(tokenizer, b) for b in batches)
+        yield from ((_encode(tokenizer, b), tag) for b, tag in batches)
         return
     with multiprocessing.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         pending: deque = deque()
-        for batch in batches:
-            pending.append(pool.apply_async(_encode_in_worker, (batch,)))
+        for batch, tag in batches:
+            pending.append((pool.apply_async(_encode_in_worker, (batch,)), tag))
             if len(pending) >= 2 * num_workers:
-                yield pending.popleft().get()
+                result, tag = pending.popleft()
+                yield result.get(), tag
         while pending:
-            yield pending.popleft().get()
+            result, tag = pending.popleft()
+            yield result.get(), tag
 
 
-def _pack(chunks: Iterator[np.ndarray], sample_len: int, stats: dict[str, int]) -> Iterator[np.ndarray]:
+def _pack(
+    chunks: Iterator[tuple[np.ndarray, tuple]], sample_len: int, stats: dict[str, int], report: Callable
+) -> Iterator[np.ndarray]:
     """Consecutive non-overlapping rows of ``sample_len`` tokens; the final partial row is dropped."""
     rest = np.zeros(0, np.int64)
-    for chunk in chunks:
+    for chunk, (documents, bytes_read) in chunks:
         stats["tokens"] += len(chunk)
+        stats["documents"] += documents
+        report(bytes_read)
         buf = np.concatenate([rest, chunk])
         n = len(buf) // sample_len
         yield from buf[: n * sample_len].reshape(n, sample_len)
@@ -320,6 +206,7 @@ class _Options:
     vocab_size: int
     seed: int
     num_workers: int
+    progress: Progress | None = None
 
 
 def _write_shards(tok: Tokenizer, files: list[Path], staging: Path, opts: _Options) -> dict[str, Any]:
@@ -328,13 +215,15 @@ def _write_shards(tok: Tokenizer, files: list[Path], staging: Path, opts: _Optio
     dtype = "<u2" if tok.vocab_size <= 1 << 16 else "<u4"
     stats = {"documents": 0, "tokens": 0, "dropped_tokens": 0}
 
-    def counted(pieces: Iterator[tuple[str, bool]]) -> Iterator[tuple[str, bool]]:
-        for piece in pieces:
-            stats["documents"] += piece[1]
-            yield piece
+    counter = ReadCounter()
 
-    batches = _batched(counted(iter_documents(files, opts.text_field)))
-    rows = _pack(_token_chunks(tok, batches, opts.num_workers), sample_len, stats)
+    def report(bytes_read: int) -> None:  # as each tokenized batch arrives (reading runs ahead)
+        if opts.progress is not None:
+            samples = stats["tokens"] // sample_len
+            opts.progress("shards", {**stats, "samples": samples, "bytes_read": bytes_read})
+
+    batches = _batched(iter_documents(files, opts.text_field, counter), counter)
+    rows = _pack(_token_chunks(tok, batches, opts.num_workers), sample_len, stats, report)
     writers = {s: _SplitWriter(staging, s, opts.shard_max_samples, opts.shard_max_bytes) for s in SPLITS}
     try:
         for split, index, row in _assign_splits(rows, opts.val_fraction, opts.seed):
@@ -354,11 +243,19 @@ def _write_shards(tok: Tokenizer, files: list[Path], staging: Path, opts: _Optio
     return {"dtype": "uint16" if dtype == "<u2" else "uint32", "splits": splits, "stats": stats}
 
 
+def _training_texts(files: list[Path], opts: _Options) -> Iterator[str]:
+    """The documents' text for training a tokenizer, reporting progress about every MB read."""
+    counter, reported = ReadCounter(), 0
+    for text, _ in iter_documents(files, opts.text_field, counter):
+        if opts.progress is not None and counter.bytes - reported >= 1 << 20:
+            opts.progress("tokenizer", {"bytes_read": counter.bytes})
+            reported = counter.bytes
+        yield text
+
+
 def _build(files: list[Path], staging: Path, tokenizer: str | Path, opts: _Options) -> dict[str, Any]:
     """Write tokenizer and shards into ``staging``; returns the manifest (not yet written)."""
-    tok = build_tokenizer(
-        tokenizer, lambda: (t for t, _ in iter_documents(files, opts.text_field)), opts.vocab_size
-    )
+    tok = build_tokenizer(tokenizer, lambda: _training_texts(files, opts), opts.vocab_size)
     tok.save(staging / TOKENIZER_DIR)
     written = _write_shards(tok, files, staging, opts)
     return {
@@ -428,12 +325,16 @@ def prepare_dataset(
     vocab_size: int = 8192,
     seed: int = 0,
     num_workers: int = 1,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Tokenize ``inputs`` into train/val tar shards and ``manifest.json`` in ``out_dir``; returns it.
 
     ``tokenizer``: byte | char | bpe (trained here to ``vocab_size``) | a tokenizer.json | a saved
     tokenizer directory. The build happens in a temporary directory beside ``out_dir``; shards of
     an older dataset in ``out_dir`` are replaced and its manifest is removed before the new one lands.
+    ``progress(stage, counts)`` is called as the work advances: stage ``tokenizer`` while a char/bpe
+    tokenizer reads the corpus (``bytes_read``), then ``shards`` (``bytes_read``, ``documents``,
+    ``tokens``, ``samples``); ``bytes_read`` counts input file bytes (compressed bytes for .gz).
     """
     if seq_len <= 0 or shard_max_samples <= 0 or num_workers <= 0:
         raise ValueError("seq_len, shard_max_samples and num_workers must be positive")
@@ -442,7 +343,15 @@ def prepare_dataset(
     files = expand_inputs(inputs)
     out_dir = Path(out_dir).resolve()  # its parent holds the staging directory
     opts = _Options(
-        seq_len, val_fraction, shard_max_samples, shard_max_bytes, text_field, vocab_size, seed, num_workers
+        seq_len,
+        val_fraction,
+        shard_max_samples,
+        shard_max_bytes,
+        text_field,
+        vocab_size,
+        seed,
+        num_workers,
+        progress,
     )
     staging = _staging_dir(out_dir)
     try:

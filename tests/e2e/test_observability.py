@@ -1,0 +1,107 @@
+"""W&B across a stop and a resume, a W&B outage, MFU, profiling and the report, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import yaml
+
+from tests.helpers import assert_ok, read_metrics, read_wandb_run, run_module
+
+FAKE_KEY = "fake-key-0123456789abcdef0123456789abcdef"
+WANDB = ["logger=wandb", "logger.mode=offline", "logger.tags=[obs]", "logger.notes=kill-resume"]
+
+
+def _start(args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "trainer.train", *args]
+    return subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_step(proc: subprocess.Popen, run_dir: Path, step: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        path = run_dir / "metrics.jsonl"
+        if path.is_file() and any(e["step"] >= step for e in read_metrics(run_dir)):
+            return
+        time.sleep(0.1)
+    raise TimeoutError(f"no train event at step {step}")
+
+
+def _wandb_runs(run_dir: Path, tmp: Path) -> list[dict]:
+    """Every offline W&B file under run_dir (one per process start), oldest first."""
+    out = []
+    for i, d in enumerate(sorted(run_dir.glob("wandb/offline-run-*"))):
+        (tmp / f"w{i}" / "wandb").mkdir(parents=True)
+        (tmp / f"w{i}" / "wandb" / d.name).symlink_to(d)
+        out.append(read_wandb_run(tmp / f"w{i}"))
+    return out
+
+
+def test_stopped_and_resumed_run_is_one_wandb_run_with_monotonic_steps(tmp_path, cli_env):
+    """SIGUSR1 (as SLURM sends before preemption) saves and exits 85; the same command resumes."""
+    env = cli_env | {"WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY}
+    args = ["debug=fast", "max_steps=8", "eval_every=4", *WANDB, "run_dir=out"]
+    run_dir = tmp_path / "out"
+    proc = _start(args, tmp_path, env)
+    _wait_for_step(proc, run_dir, 3)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=180)
+    assert proc.returncode == 85, err[-3000:]
+    assert_ok(run_module("trainer.train", args, tmp_path, env))
+
+    assert [e["step"] for e in read_metrics(run_dir)] == list(range(1, 9))  # each step once
+    runs = _wandb_runs(run_dir, tmp_path / "wb")
+    assert len(runs) == 2 and runs[0]["run_id"] == runs[1]["run_id"]
+    steps = [row["_step"] for r in runs for row in r["history"] if "loss" in row]
+    assert steps == list(range(1, 9)), steps  # one W&B run, every step once, never backwards
+    resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    for r in runs:
+        assert {k: v for k, v in r["config"].items() if not k.startswith("_")} == resolved
+    for path in run_dir.rglob("*"):
+        if path.is_file():
+            assert FAKE_KEY.encode() not in path.read_bytes(), path
+
+
+def test_wandb_outage_does_not_stop_training_and_perf_profile_report_work(tmp_path, cli_env):
+    """A real outage: the W&B service process is killed while the run logs to it. The same run
+    logs MFU, memory and the step-time split, records a profile, and feeds the report."""
+    env = cli_env | {"WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY}
+    args = ["debug=fast", "max_steps=8", "eval_every=4", *WANDB, "run_dir=out"]
+    args += ["profile.enabled=true", "profile.steps=[4,5]"]
+    run_dir = tmp_path / "out"
+    proc = _start(args, tmp_path, env)
+    _wait_for_step(proc, run_dir, 2)
+    services = [
+        p for p in psutil.Process(proc.pid).children(recursive=True) if "wandb" in " ".join(p.cmdline())
+    ]
+    assert services, "no W&B service process found"
+    for p in services:
+        p.kill()
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 0, err[-3000:]
+    assert "W&B" in err and FAKE_KEY not in out + err
+
+    train = read_metrics(run_dir)
+    assert [e["step"] for e in train] == list(range(1, 9))  # every event, W&B or not
+    (perf,) = read_metrics(run_dir, "perf")
+    assert perf["peak_source"].startswith("measured") and perf["peak_tflops"] > 0
+    for e in train:
+        assert 0 < e["mfu"] == e["hfu"] < 1  # no activation checkpointing: nothing recomputed
+        assert e["tokens_per_s_per_device"] == e["tokens_per_s"] and e["rss_gb"] > 0
+        split = e["data_s"] + e["fwd_bwd_s"] + e["optimizer_s"] + e["checkpoint_s"] + e["other_s"]
+        assert abs(split - e["step_time_s"]) < 1e-6 and e["fwd_bwd_s"] > 0 and e["optimizer_s"] > 0
+    trace = json.loads((run_dir / "profile" / "rank0.steps4-5.pt.trace.json").read_text())
+    assert any("ProfilerStep" in ev.get("name", "") for ev in trace["traceEvents"])
+
+    report = run_module("trainer.report", [str(run_dir)], tmp_path, env)
+    assert_ok(report)
+    for png in ("loss.png", "throughput.png"):
+        assert (run_dir / "report" / png).stat().st_size > 10_000
+    assert "best val" in report.stdout

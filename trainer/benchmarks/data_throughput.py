@@ -1,0 +1,155 @@
+"""Benchmark: the data loader alone against a raw sequential read of the same tar shards.
+
+    python -m trainer.benchmarks.data_throughput [--dir DIR] [--docs 60000] [--repeats 5]
+
+Prepares (once, then reuses) a dataset of a few tens of MB from generated text, then alternates,
+``--repeats`` times after one discarded warm-up round: a raw sequential read of the train shards
+(1 MB reads, bytes discarded: what the storage gives) and ``ShardLoader`` at each
+``--batch-sizes``, ``--epochs`` epochs from a fresh iterator (background prefetch and window
+read-ahead on, as in training; the consumer does nothing else). Reports medians: MB/s of shard
+bytes, samples/s, and the ratios to the targets: the loader >= 0.5x the raw read, and >= 20x what
+the default training step consumes (measured here with the default model on these batches, unless
+``--no-train``; the figure recorded on the project's 2-core CPU machines, ~14,000 tokens/s = ~110
+samples/s at seq 128, is printed too, labelled as such, and the faster of the two is used).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+from trainer.data.corpus import write_builtin_corpus
+from trainer.data.loader import ShardLoader, load_manifest
+from trainer.data.prepare import MANIFEST, prepare_dataset
+
+DEFAULT_TRAIN_SAMPLES_S = 14_000 / 128  # tiny model, seq 128, fp32, 2 CPU cores (measured earlier)
+
+
+def ensure_dataset(directory: Path, docs: int, seq_len: int) -> dict:
+    """The benchmark dataset in ``directory``: reused when it matches, else prepared from generated text."""
+    if (directory / MANIFEST).is_file():
+        manifest = load_manifest(directory)
+        if manifest.get("bench") == {"docs": docs} and manifest["seq_len"] == seq_len:
+            return manifest
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    text = directory.parent / f".{directory.name}-text.jsonl"
+    write_builtin_corpus(text, n_docs=docs, seed=1)
+    try:
+        prepare_dataset([text], directory, seq_len=seq_len, num_workers=os.cpu_count() or 1)
+    finally:
+        text.unlink(missing_ok=True)
+    manifest = load_manifest(directory)
+    manifest["bench"] = {"docs": docs}
+    (directory / MANIFEST).write_text(__import__("json").dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def raw_read(files: list[Path]) -> float:
+    """Seconds to read every file sequentially in 1 MB reads."""
+    start = time.perf_counter()
+    buf = bytearray(1 << 20)
+    for path in files:
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - start
+
+
+def loader_pass(directory: Path, batch_size: int, epochs: int, verify: bool) -> tuple[float, int]:
+    """(seconds, samples) for ``epochs`` epochs of the train split, from iter() to the last batch."""
+    loader = ShardLoader(directory, "train", batch_size, seed=0, shuffle_window=4, verify=verify)
+    batches = epochs * len(loader)
+    start = time.perf_counter()
+    it = iter(loader)
+    for _ in range(batches):
+        next(it)
+    elapsed = time.perf_counter() - start
+    it.close()
+    return elapsed, batches * batch_size
+
+
+def training_samples_per_s(directory: Path, steps: int) -> float:
+    """samples/s of the default config's training step (plain PyTorch loop, same maths as the trainer)."""
+    import torch
+
+    from trainer.benchmarks.train_throughput import load_config, plain_loop
+    from trainer.loop import resolve_vocab
+    from trainer.model import GPT
+
+    cfg = load_config([])
+    manifest = load_manifest(directory)
+    it = iter(ShardLoader(directory, "train", cfg.global_batch_size, prefetch=0))
+    batches = [next(it) for _ in range(steps + 3)]
+    torch.manual_seed(0)
+    model = GPT(resolve_vocab(cfg.model, manifest["tokenizer"]["vocab_size"]))
+    return plain_loop(cfg, model, batches, warmup=3) / cfg.data.seq_len
+
+
+def measure(args: argparse.Namespace, files: list[Path]) -> tuple[list[float], dict[tuple, list[float]]]:
+    """Raw read seconds and loader samples/s per (batch size, sha256 on) over the timed rounds."""
+    checks = {"off": [False], "on": [True], "both": [False, True]}[args.sha256]
+    cases = [(g, verify) for g in args.batch_sizes for verify in checks]
+    raw, rates = [], {case: [] for case in cases}
+    for round_ in range(args.repeats + 1):  # round 0 warms the page cache and the allocator; discarded
+        raw_s = raw_read(files)
+        timed = {case: loader_pass(args.dir, case[0], args.epochs, case[1]) for case in cases}
+        if round_:
+            raw.append(raw_s)
+            for case, (seconds, n) in timed.items():
+                rates[case].append(n / seconds)
+    return raw, rates
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    data_dir = Path(os.environ.get("TRAINER_DATA_DIR", "data"))
+    p.add_argument("--dir", type=Path, default=data_dir / "bench-throughput", help="dataset directory")
+    p.add_argument("--docs", type=int, default=60_000, help="generated documents (~180 bytes each)")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--batch-sizes", type=int, nargs="+", default=[16, 256], help="global batch sizes")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--epochs", type=int, default=2, help="epochs per loader measurement (steady state)")
+    p.add_argument("--sha256", choices=["off", "on", "both"], default="both", help="data.verify_shards")
+    p.add_argument("--train-steps", type=int, default=10, help="timed steps of the training measurement")
+    p.add_argument("--no-train", action="store_true", help="use the recorded training figure only")
+    args = p.parse_args()
+
+    manifest = ensure_dataset(args.dir, args.docs, args.seq_len)
+    shards = manifest["splits"]["train"]["shards"]
+    total_bytes, samples = sum(s["bytes"] for s in shards), manifest["splits"]["train"]["samples"]
+    raw, rates = measure(args, [args.dir / s["path"] for s in shards])
+    print(
+        f"dataset: {args.dir}: {samples:,} train samples of seq_len {manifest['seq_len']} in {len(shards)} "
+        f"shards, {total_bytes / 1e6:.1f} MB ({total_bytes / samples:,.0f} bytes/sample in the tar)"
+    )
+    raw_mb = [total_bytes / seconds / 1e6 for seconds in raw]
+    raw_median = statistics.median(raw_mb)
+    runs = ", ".join(f"{v:,.0f}" for v in raw_mb)
+    print(f"raw sequential read        : {raw_median:10,.0f} MB/s   (runs: {runs})")
+    for (g, verify), values in rates.items():
+        rate = statistics.median(values)
+        mb, tokens = rate * total_bytes / samples / 1e6, rate * args.seq_len / 1e6
+        print(
+            f"loader, batch {g:<4} sha256 {'on ' if verify else 'off'}: {mb:10,.0f} MB/s = {rate:10,.0f} "
+            f"samples/s = {tokens:.1f}M tokens/s   ({mb / raw_median:.2f}x raw; target >= 0.5x)"
+        )
+    report_training(args, min(statistics.median(v) for v in rates.values()))
+
+
+def report_training(args: argparse.Namespace, slowest_loader: float) -> None:
+    recorded = "recorded on these machines, not measured now: ~14,000 tokens/s at seq 128"
+    print(f"training step              : {DEFAULT_TRAIN_SAMPLES_S:10,.0f} samples/s   ({recorded})")
+    train = DEFAULT_TRAIN_SAMPLES_S
+    if not args.no_train:
+        measured = training_samples_per_s(args.dir, args.train_steps)
+        print(f"training step              : {measured:10,.0f} samples/s   (measured now: default config)")
+        train = max(train, measured)  # the faster consumer is the harder target
+    ratio = slowest_loader / train
+    print(f"loader / training          : {ratio:10,.0f}x  (slowest loader, faster training; target >= 20x)")
+
+
+if __name__ == "__main__":
+    main()
