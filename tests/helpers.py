@@ -2,22 +2,37 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 
 def run_module(module: str, args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600):
-    """Run ``python -m module args`` and return the CompletedProcess (text output captured)."""
-    return subprocess.run(
-        [sys.executable, "-m", module, *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
+    """Run ``python -m module args`` and return the CompletedProcess (text output captured).
+
+    On a timeout the whole process group dies (torchrun's workers too), then the test fails.
+    """
+    pipe = subprocess.PIPE
+    cmd = [sys.executable, "-m", module, *args]
+    proc = subprocess.Popen(
+        cmd, cwd=cwd, env=env, text=True, stdout=pipe, stderr=pipe, start_new_session=True
     )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
 
 
 def torchrun(nproc: int, args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600):

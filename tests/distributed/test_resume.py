@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import assert_ok, read_metrics, torchrun
+from tests.helpers import assert_ok, kill_group, read_metrics, torchrun
 
 pytestmark = pytest.mark.distributed
 
@@ -52,11 +52,22 @@ def start(cmd: list[str], cwd: Path, env: dict) -> subprocess.Popen:
                             text=True, start_new_session=True)  # fmt: skip
 
 
+def finish(proc: subprocess.Popen, timeout: float = 300) -> str:
+    """Wait for `proc` and return its output; on a timeout kill its whole process group."""
+    try:
+        return proc.communicate(timeout=timeout)[0]
+    except subprocess.TimeoutExpired:
+        kill_group(proc)
+        raise
+
+
 def wait_for(predicate, proc: subprocess.Popen, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
         assert proc.poll() is None, f"exited {proc.returncode} too early:\n{proc.stdout.read()[-3000:]}"
-        assert time.monotonic() < deadline, "timed out"
+        if time.monotonic() > deadline:
+            kill_group(proc)
+            raise AssertionError("timed out")
         time.sleep(0.002)
 
 
@@ -80,7 +91,7 @@ def test_kill_9_then_resume_is_bitwise_exact(tmp_path, cli_env, reference, stage
     assert not (ckpt / f"step-{STEPS}").exists(), "the run finished before it was killed"
 
     resumed = start(args, tmp_path, cli_env)
-    out = resumed.communicate(timeout=300)[0]
+    out = finish(resumed)
     assert resumed.returncode == 0, out[-3000:]
     assert "resumed from" in out
     assert losses(tmp_path / "out") == losses(reference[stage])  # bitwise, every step once
@@ -112,7 +123,7 @@ def test_signal_on_one_rank_saves_on_all_and_exits_for_requeue(tmp_path, cli_env
         p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"
     ]
     rank1.send_signal(signal.SIGUSR1)
-    out = proc.communicate(timeout=120)[0]
+    out = finish(proc, 120)
     assert "exitcode  : 85" in out or "exitcode: 85" in out.replace(" ", ""), out[-3000:]
     saved = [p for p in (tmp_path / "out" / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file()]
     assert len(saved) == 1 and len(list(saved[0].glob("*optim_states.pt"))) == 2  # both ranks saved
@@ -120,7 +131,7 @@ def test_signal_on_one_rank_saves_on_all_and_exits_for_requeue(tmp_path, cli_env
     assert 5 <= stopped_at < STEPS
 
     resumed = start(args, tmp_path, cli_env)
-    out = resumed.communicate(timeout=300)[0]
+    out = finish(resumed)
     assert resumed.returncode == 0, out[-3000:]
     assert losses(tmp_path / "out") == losses(reference[2])
 
@@ -133,7 +144,7 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_finishes(tmp_path, cli_env,
     workers = psutil.Process(proc.pid).children(recursive=True)
     (rank0,) = [p for p in workers if p.environ().get("RANK") == "0"]
     rank0.kill()
-    out = proc.communicate(timeout=300)[0]
+    out = finish(proc)
     assert proc.returncode == 0, out[-3000:]
     assert "resumed from" in out
     assert losses(tmp_path / "out") == losses(reference[2])
@@ -148,12 +159,14 @@ def test_kill_9_during_a_save_leaves_the_previous_checkpoint_usable(tmp_path, cl
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     resumed = start(args, tmp_path, cli_env)
-    out = resumed.communicate(timeout=300)[0]
+    out = finish(resumed)
     assert resumed.returncode == 0, out[-3000:]
     steps = [e["step"] for e in read_metrics(tmp_path / "out")]
     assert steps == list(range(1, 31))
 
     straight = tmp_path / "straight"
     straight.mkdir()
-    assert start(args, straight, cli_env).wait(timeout=300) == 0
+    straight_run = start(args, straight, cli_env)
+    out = finish(straight_run)
+    assert straight_run.returncode == 0, out[-3000:]
     assert losses(tmp_path / "out") == losses(straight / "out")
