@@ -1,8 +1,8 @@
 """GPT: a decoder-only Transformer, its activation checkpointing, and analytic counts.
 
-Reads top to bottom in execution order: rotary embeddings, attention, MLP, block, model;
-then the parameter and FLOPs counts and the optimizer's parameter groups. Torch only (no
-distributed code), so the same module runs under DeepSpeed, DDP or on one CPU.
+Reads top to bottom in execution order: rotary embeddings, the KV cache (generation only),
+attention, MLP, block, model; then the parameter and FLOPs counts and the optimizer's parameter
+groups. Torch only (no distributed code), so the same module runs under DeepSpeed, DDP or on one CPU.
 
 Shapes: B batch, T time, D d_model, H query heads, K key/value heads, Q head_dim,
 V padded vocab (see ``padded_vocab_size``).
@@ -53,6 +53,59 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+# ---------------------------------------------------------------------------- KV cache (generation)
+
+
+class KVCache:
+    """Keys and values of every position so far, per layer: prefill once, then one token per step.
+
+    Buffers are preallocated [B, K, max_seq_len, Q] (K: the k/v heads, cached before GQA repeats
+    them). ``pos`` counts the filled slots. Rows may be left-padded: row b's first ``pad[b]``
+    slots hold padding that no real token attends to, and its positions (RoPE angles or learned
+    embeddings) start at 0 at its first real token, so each row computes what it would alone.
+    """
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+        pad: Tensor | None = None,
+    ) -> None:
+        shape = (batch_size, cfg.kv_heads, cfg.max_seq_len, cfg.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(cfg.n_layer)]
+        self.pos = 0
+        self.pad = pad if pad is not None and bool(pad.any()) else None  # [B] long, None: no padding
+        self.mask: Tensor | None = None  # of the tokens being processed; set by `prepare`
+
+    def prepare(self, T: int) -> Tensor:
+        """Positions of the next T tokens: [T], or [B, T] for padded rows. Sets ``mask`` for attention."""
+        slots = torch.arange(self.pos, self.pos + T, device=self.k[0].device)
+        if self.pad is None and T == 1:  # one new token attends to every cached one: no mask
+            self.mask = None
+            return slots
+        keys = torch.arange(self.pos + T, device=slots.device)
+        if self.pad is None:
+            self.mask = keys <= slots[:, None]  # [T, S]
+            return slots
+        pad = self.pad[:, None, None]  # [B, 1, 1]
+        # Real tokens see real earlier tokens; a pad slot sees itself only, so no row is all -inf
+        # (which would give NaN, and NaN values would leak through zero attention weights).
+        causal = keys <= slots[:, None]
+        self.mask = ((causal & (keys >= pad)) | (keys == slots[:, None]))[:, None]  # [B, 1, T, S]
+        return (slots - self.pad[:, None]).clamp(min=0)
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Store k, v [B, K, T, Q] of the new tokens; return those of every position so far [B, K, S, Q]."""
+        end = self.pos + k.shape[2]
+        self.k[layer][:, :, self.pos : end] = k
+        self.v[layer][:, :, self.pos : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+
 # ---------------------------------------------------------------------------- transformer block
 
 
@@ -73,7 +126,14 @@ class CausalSelfAttention(nn.Module):
         self.attn_dropout = cfg.dropout
         self.resid_dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor | None = None,
+        sin: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> Tensor:
         B, T, D = x.shape
         kv_dim = self.n_kv_head * self.head_dim
         q, k, v = self.qkv(x).split([D, kv_dim, kv_dim], dim=-1)
@@ -81,16 +141,19 @@ class CausalSelfAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if cos is not None:
+        if cos is not None:  # cos/sin hold the angles of the new tokens' positions only
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        # A KV cache (for generation) goes here: append k, v while they still have K heads, and
-        # pass cos/sin for the new positions only; is_causal then needs an explicit mask.
+        if cache is not None:  # generation: attend over every cached position [B, K, S, Q]
+            k, v = cache.update(layer, k, v)
         if self.n_kv_head != self.n_head:
             # GQA: kv head j serves the n_head/n_kv_head consecutive query heads that follow it
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # [B, H, T, Q]
+            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # [B, H, S, Q]
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-        dropout_p = self.attn_dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        if cache is None:
+            dropout_p = self.attn_dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+        else:  # queries are the last T of S positions: is_causal would align them to the first T
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)
         y = y.transpose(1, 2).reshape(B, T, D)  # [B, H, T, Q] -> [B, T, D]
         return self.resid_dropout(self.out_proj(y))
 
@@ -132,8 +195,15 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = SwiGLU(cfg) if cfg.mlp == "swiglu" else MLP(cfg)
 
-    def forward(self, x: Tensor, cos: Tensor | None = None, sin: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.attn_norm(x), cos, sin)
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor | None = None,
+        sin: Tensor | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> Tensor:
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, layer)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -210,21 +280,32 @@ class GPT(nn.Module):
             self.rope_cos.copy_(cos)
             self.rope_sin.copy_(sin)
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(
+        self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None
+    ) -> tuple[Tensor, Tensor | None]:
         """idx, targets: [B, T] token ids -> (logits [B, T, V], mean cross-entropy or None).
 
-        Targets equal to -100 are ignored (padding, or masked prompt tokens).
+        Targets equal to -100 are ignored (padding, or masked prompt tokens). With a ``cache``
+        (generation), idx holds the tokens that follow the cached ones; the cache takes them in.
         """
         B, T = idx.shape
-        if self.cfg.max_seq_len < T:
-            raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
+        start = 0 if cache is None else cache.pos
+        if self.cfg.max_seq_len < start + T:
+            raise ValueError(f"sequence length {start + T} exceeds model.max_seq_len={self.cfg.max_seq_len}")
         x = self.tok_emb(idx)  # [B, T, D]
         cos = sin = None
-        if self.pos_emb is not None:
+        if cache is not None:
+            x, cos, sin = self._cached_positions(x, cache)
+        elif self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(T, device=idx.device))  # [T, D] broadcasts over B
         else:
             cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)  # [T, Q/2]
         x = self.drop(x)
+        if cache is not None:  # generation: no activation checkpointing, no loss
+            for i, block in enumerate(self.blocks):
+                x = block(x, cos, sin, cache, i)
+            cache.pos += T
+            return self.lm_head(self.norm(x)), None
         # recomputation only pays off when a backward pass will follow
         ckpt = self.cfg.act_ckpt != "none" and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
@@ -237,6 +318,16 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-100)
         return logits, loss
+
+    def _cached_positions(self, x: Tensor, cache: KVCache) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """Position information of the new tokens: learned embeddings added, or RoPE angles."""
+        positions = cache.prepare(x.shape[1])  # [T], or [B, T] for left-padded rows
+        if self.pos_emb is not None:
+            return x + self.pos_emb(positions), None, None
+        cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)
+        if positions.dim() == 2:  # [B, T, Q/2] -> [B, 1, T, Q/2]: broadcasts over heads
+            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        return x, cos, sin
 
     def _checkpoints_block(self, i: int) -> bool:
         if self.cfg.act_ckpt == "every_n":
