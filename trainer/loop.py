@@ -6,15 +6,16 @@ import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 
 from trainer import checkpoint
 from trainer.config import ConfigError, ModelConfig, TrainConfig
 from trainer.data.build import Data, build_data
-from trainer.distributed import DistInfo, all_reduce_mean, barrier, gather_to_main
+from trainer.distributed import DistInfo, barrier, gather_to_main
 from trainer.engine import build_engine, current_lr, deepspeed_config, grad_norm
+from trainer.evaluate import evaluate
 from trainer.guard import StepControl, TrainingHalted
 from trainer.metrics import MetricsSink, open_sink
 from trainer.model import GPT
@@ -171,10 +172,9 @@ def fit(run: Run, sink: MetricsSink) -> None:
             log_train(run, sink, losses, meter)
             losses.clear()
         if cfg.eval_every and (state.step % cfg.eval_every == 0 or last):
-            val_loss = evaluate(
-                run.engine, run.data.val, cfg.micro_batch_size, cfg.eval_batches, run.dist.device
-            )
-            sink.log({"event": "eval", "step": state.step, "tokens": state.tokens, "val_loss": val_loss})
+            # The same function as `python -m trainer.eval`, so the two agree exactly.
+            val = evaluate(run.engine, run.data.val, cfg.micro_batch_size, cfg.eval_batches, run.dist.device)
+            sink.log({"event": "eval", "step": state.step, "tokens": state.tokens, "val_loss": val.loss})
         every = cfg.checkpoint.every_steps
         periodic = (every and state.step % every == 0) or control.save_due
         if periodic or control.stop_requested or (last and cfg.checkpoint.save_final):
@@ -259,24 +259,6 @@ def train_step(
             before_optimizer()
         engine.step()
     return torch.stack(losses).mean()
-
-
-@torch.no_grad()
-def evaluate(
-    engine, val: Iterable[dict[str, torch.Tensor]], micro: int, max_batches: int, device: torch.device
-) -> float:
-    """Mean validation loss over the first `max_batches` global batches (same data every time)."""
-    engine.eval()
-    losses = []
-    for i, batch in enumerate(val):
-        if i == max_batches:
-            break
-        losses += [engine(x, y)[1] for x, y in _micro_batches(batch, micro, device)]
-    engine.train()
-    if not losses:
-        raise ConfigError("the validation split holds less than one global batch: lower global_batch_size")
-    (mean,) = all_reduce_mean([torch.stack(losses).mean().item()])
-    return mean
 
 
 def _micro_batches(batch: dict[str, torch.Tensor], micro: int, device: torch.device) -> Iterator[tuple]:
