@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -21,8 +20,8 @@ from typing import Any
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import MissingMandatoryValue
 
+from trainer.cli import one_line_errors
 from trainer.config import ConfigError, EvalConfig, register_configs
 from trainer.train import config_dir as train_config_dir
 
@@ -176,19 +175,13 @@ def _init_distributed():
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="eval")
 def _hydra_main(cfg: DictConfig) -> None:
-    from trainer.data import DataError
     from trainer.inference import InferenceError
     from trainer.metrics import setup_console_logging
 
     setup_console_logging(int(os.environ.get("RANK", "0")))
     try:
-        evaluate_checkpoint(typed(cfg, EvalConfig))
-    except MissingMandatoryValue as e:
-        print(f"error: {e.full_key} is not set: add {e.full_key}=... to the command line", file=sys.stderr)
-        sys.exit(2)
-    except (ConfigError, DataError, InferenceError) as e:
-        print(f"error: {e}", file=sys.stderr)  # one line naming the key, file or directory
-        sys.exit(2)
+        with one_line_errors(InferenceError):
+            evaluate_checkpoint(typed(cfg, EvalConfig))
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -26,9 +26,9 @@ from typing import Callable
 import hydra
 import torch
 from omegaconf import DictConfig
-from omegaconf.errors import MissingMandatoryValue
 from torch import Tensor
 
+from trainer.cli import one_line_errors
 from trainer.config import ConfigError, GenerateConfig, register_configs
 from trainer.data.tokenizer import Tokenizer
 from trainer.eval import config_dir, typed
@@ -322,19 +322,12 @@ def _device(name: str) -> torch.device:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="generate")
 def _hydra_main(cfg: DictConfig) -> None:
-    from trainer.data import DataError
     from trainer.inference import InferenceError
     from trainer.metrics import setup_console_logging
 
     setup_console_logging(int(os.environ.get("RANK", "0")))
-    try:
+    with one_line_errors(InferenceError):
         run(typed(cfg, GenerateConfig))
-    except MissingMandatoryValue as e:
-        print(f"error: {e.full_key} is not set: add {e.full_key}=... to the command line", file=sys.stderr)
-        sys.exit(2)
-    except (ConfigError, DataError, InferenceError) as e:
-        print(f"error: {e}", file=sys.stderr)  # one line naming the key, file or directory
-        sys.exit(2)
 
 
 def main() -> None:

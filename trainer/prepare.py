@@ -14,7 +14,8 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.config import ConfigError, PrepareConfig, register_configs
+from trainer.cli import one_line_errors
+from trainer.config import PrepareConfig, register_configs
 from trainer.train import config_dir
 
 
@@ -96,15 +97,10 @@ def summary(cfg: PrepareConfig, m: dict[str, Any]) -> str:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="prepare")
 def _hydra_main(cfg: DictConfig) -> None:
-    from trainer.data import DataError
 
-    try:
+    with one_line_errors():
         typed = to_typed(cfg)
         print(summary(typed, prepare(typed)))
-    except (ConfigError, DataError) as e:
-        # One line naming the key or file (and line) to fix; SystemExit passes through Hydra untouched.
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 def main() -> None:

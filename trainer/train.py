@@ -14,6 +14,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from trainer.cli import fail, one_line_errors
 from trainer.config import ConfigError, TrainConfig, register_configs
 
 
@@ -76,19 +77,14 @@ def run(cfg: DictConfig) -> None:
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def _hydra_main(cfg: DictConfig) -> None:
     from trainer.checkpoint import CheckpointError
-    from trainer.data import DataError
     from trainer.guard import TrainingHalted
     from trainer.signals import EXIT_REQUEUE, Preempted
 
-    # One line naming the key or file to change; SystemExit passes through Hydra untouched.
     try:
-        run(cfg)
-    except (ConfigError, DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        with one_line_errors():
+            run(cfg)
     except (TrainingHalted, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(1)
+        fail(str(e), 1)  # the run stopped itself: not bad input
     except Preempted as e:
         print(f"preempted: {e}", file=sys.stderr)
         sys.exit(EXIT_REQUEUE)
