@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,7 +33,7 @@ def deepspeed_config(
         "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps,
-        "gradient_clipping": optim.grad_clip,
+        "gradient_clipping": 0.0 if clips_in_trainer(engine) else optim.grad_clip,
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
         "zero_optimization": _zero_section(engine),
@@ -58,6 +59,12 @@ def deepspeed_config(
         },
     }
     return _deep_merge(ds, engine.ds_config)
+
+
+def clips_in_trainer(engine: EngineConfig) -> bool:
+    """ZeRO-0 in fp32 is DeepSpeed's plain path: it clips but throws the norm away, so there the
+    trainer clips (``GradClip``) and DeepSpeed is told not to. Every other path reports its norm."""
+    return engine.zero_stage == 0 and engine.precision == "fp32"
 
 
 def _zero_section(engine: EngineConfig) -> dict[str, Any]:
@@ -117,9 +124,22 @@ def current_lr(engine) -> float:
     return float(engine.get_lr()[0])
 
 
-def grad_norm(engine) -> float | None:
-    """The global gradient norm DeepSpeed computed for the last step (before clipping)."""
-    norm = engine.get_global_grad_norm()
+@dataclass
+class GradClip:
+    """Clip the (already all-reduced) gradients to ``max_norm`` just before the optimizer step and
+    keep the norm; ``max_norm`` 0 measures without clipping. Used where ``clips_in_trainer``."""
+
+    max_norm: float
+    norm: torch.Tensor | None = None  # a tensor: read at log steps only, no host sync per step
+
+    def __call__(self, engine: Any) -> None:
+        params = [p for p in engine.module.parameters() if p.grad is not None]
+        self.norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm or math.inf)
+
+
+def grad_norm(engine: Any, clip: GradClip | None = None) -> float | None:
+    """The global gradient norm of the last step, before clipping: ours where we clip, else DeepSpeed's."""
+    norm = clip.norm if clip is not None else engine.get_global_grad_norm()
     if norm is None:
         return None
     return float(norm.item() if torch.is_tensor(norm) else norm)

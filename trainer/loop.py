@@ -14,12 +14,12 @@ from trainer import checkpoint
 from trainer.config import ConfigError, ModelConfig, TrainConfig
 from trainer.data.build import Data, build_data
 from trainer.distributed import DistInfo, barrier, gather_to_main
-from trainer.engine import build_engine, current_lr, deepspeed_config, grad_norm
+from trainer.engine import GradClip, build_engine, clips_in_trainer, current_lr, deepspeed_config, grad_norm
 from trainer.evaluate import evaluate
 from trainer.guard import StepControl, TrainingHalted
 from trainer.metrics import MetricsSink, open_sink
 from trainer.model import GPT
-from trainer.perf import PerfMeter, build_meter, loss_scale, memory_stats
+from trainer.perf import Peak, PerfMeter, build_meter, device_peak, loss_scale, memory_stats
 from trainer.profiling import StepProfiler
 from trainer.signals import Preempted, StopSignal
 
@@ -65,10 +65,14 @@ class Run:
     data: Data
     state: TrainState
     total_steps: int
+    peak: Peak | None  # the device's peak FLOP/s, for MFU
 
 
 def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
     """Data, model, engine, then the newest checkpoint (if resuming): ready to step."""
+    # First: on CPU the peak is measured, and the loader's threads or W&B's process would steal
+    # cores from the measurement (a low peak reads as MFU > 100%).
+    peak = device_peak(dist.device, cfg.engine.precision, cfg.perf.peak_tflops)
     torch.manual_seed(cfg.seed)
     record_dir = Path(cfg.run_dir) / "sample_ids" if cfg.data.record_ids else None
     data = build_data(
@@ -103,7 +107,7 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
         state.load_state_dict(saved["trainer"])
         data.train.load_state_dict(saved["loader"])
         log.info("resumed from %s at step %d", step_dir, state.step)
-    return Run(cfg, dist, engine, data, state, total_steps)
+    return Run(cfg, dist, engine, data, state, total_steps, peak)
 
 
 def train(cfg: TrainConfig, dist: DistInfo, resolved_config: dict[str, Any]) -> Run:
@@ -144,9 +148,15 @@ def fit(run: Run, sink: MetricsSink) -> None:
         cfg.tokens_per_step(),
         run.dist.world_size,
         run.dist.device,
-        cfg.engine.precision,
-        cfg.perf.peak_tflops,
+        run.peak,
     )
+    clip = GradClip(cfg.optim.grad_clip) if clips_in_trainer(cfg.engine) else None
+
+    def before_optimizer() -> None:
+        meter.optimizer_start()
+        if clip is not None:
+            clip(run.engine)
+
     sink.log({"event": "perf", "step": state.step} | meter.describe())
     profiler = StepProfiler(cfg.profile, Path(cfg.run_dir), run.dist.rank, run.dist.device)
     losses: list[float] = []
@@ -158,7 +168,7 @@ def fit(run: Run, sink: MetricsSink) -> None:
         meter.data_done()
         control.step = state.step + 1
         skipped_before = run.engine.skipped_steps
-        train_step(run.engine, batch, cfg.micro_batch_size, run.dist.device, control, meter.optimizer_start)
+        train_step(run.engine, batch, cfg.micro_batch_size, run.dist.device, control, before_optimizer)
         meter.step_done()
         state.step += 1
         state.tokens += cfg.tokens_per_step()
@@ -169,7 +179,7 @@ def fit(run: Run, sink: MetricsSink) -> None:
 
         last = state.step == run.total_steps
         if state.step % cfg.log_every == 0 or last:
-            log_train(run, sink, losses, meter)
+            log_train(run, sink, losses, meter, clip)
             losses.clear()
         if cfg.eval_every and (state.step % cfg.eval_every == 0 or last):
             # The same function as `python -m trainer.eval`, so the two agree exactly.
@@ -217,12 +227,14 @@ def save_checkpoint(run: Run, sink: MetricsSink, control: StepControl) -> float:
     return seconds
 
 
-def log_train(run: Run, sink: MetricsSink, losses: list[float], meter: PerfMeter) -> None:
+def log_train(
+    run: Run, sink: MetricsSink, losses: list[float], meter: PerfMeter, clip: GradClip | None = None
+) -> None:
     """One train event: the loss averaged over the (applied) steps since the last log."""
     event = {"event": "train", "step": run.state.step, "total_steps": run.total_steps}
     loss = sum(losses) / len(losses) if losses else float("nan")  # already averaged over ranks
     event |= {"tokens": run.state.tokens, "loss": loss, "lr": current_lr(run.engine)}
-    event |= {"grad_norm": grad_norm(run.engine), "skipped_steps": run.state.skipped_steps}
+    event |= {"grad_norm": grad_norm(run.engine, clip), "skipped_steps": run.state.skipped_steps}
     event |= meter.report(run.total_steps - run.state.step) | memory_stats(run.dist.device)
     if run.cfg.engine.precision == "fp16":
         event["loss_scale"] = loss_scale(run.engine)

@@ -62,6 +62,10 @@ def share_config(cfg: DictConfig, run_dir: Path, is_main: bool) -> dict[str, Any
 
 def run(cfg: DictConfig) -> None:
     typed = to_typed(cfg)  # validation errors stop the run here, before any process group
+    import torch
+
+    if typed.engine.precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError("engine.precision=fp16: DeepSpeed has no fp16 on CPU: use bf16 or fp32 there")
     prepare_run_dir(Path(typed.run_dir))
 
     from trainer.distributed import init_distributed

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
+import pty
+import re
 import signal
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -105,3 +111,45 @@ def test_wandb_outage_does_not_stop_training_and_perf_profile_report_work(tmp_pa
     for png in ("loss.png", "throughput.png"):
         assert (run_dir / "report" / png).stat().st_size > 10_000
     assert "best val" in report.stdout
+
+
+def _run_on_a_terminal(args: list[str], cwd: Path, env: dict[str, str], timeout: float = 300) -> str:
+    """Run the trainer with stdout on a pseudo-terminal, as in an interactive shell; its output."""
+    main, child = pty.openpty()
+    fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # rows, columns
+    cmd = [sys.executable, "-m", "trainer.train", *args]
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=child, stderr=subprocess.DEVNULL)
+    os.close(child)
+    out, deadline = b"", time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            try:
+                chunk = os.read(main, 4096)  # EIO once the child has closed the terminal
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        os.close(main)
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.wait() == 0, out.decode(errors="replace")[-3000:]
+    return out.decode(errors="replace")
+
+
+def test_terminal_shows_a_live_bar_and_the_default_model_has_a_sane_mfu(tmp_path, cli_env):
+    """On a terminal: a tqdm bar redrawn in place (step, loss, tokens/s, ETA), no plain step lines.
+    The default model is the one whose MFU a badly measured CPU peak once put at 212%."""
+    args = ["max_steps=20", "log_every=5", "eval_every=0", "checkpoint.save_final=false", "run_dir=out"]
+    out = _run_on_a_terminal(args, tmp_path, cli_env)
+    drawings = [line for line in re.split(r"[\r\n]+", out) if line.startswith("train:")]
+    assert len(drawings) >= 2 and "train step" not in out, out[-2000:]  # redrawn, no plain lines
+    bar = drawings[-1]
+    assert "100%" in bar and "20/20" in bar and "tok/s" in bar and "eta 0:00:00" in bar, bar
+    assert "perf  peak" in out  # other events still print, above the bar
+
+    (perf,) = read_metrics(tmp_path / "out", "perf")
+    assert perf["peak_source"].startswith("measured") and perf["peak_tflops"] > 0
+    for e in read_metrics(tmp_path / "out"):
+        assert 0 < e["mfu"] == e["hfu"] < 1, (e["mfu"], perf)

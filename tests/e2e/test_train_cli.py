@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 import yaml
 
 from tests.helpers import assert_ok, read_metrics, read_wandb_run, run_module
@@ -45,6 +46,18 @@ def test_loss_falls_and_every_step_is_logged(finished_run):
     assert [e["step"] for e in evals] == [6, 12]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     assert "train step     12/12 | loss" in proc.stdout  # the progress line a user sees
+
+
+def test_zero0_logs_the_grad_norm_and_clips_like_deepspeed(tmp_path, cli_env, finished_run):
+    """ZeRO-0 fp32 is DeepSpeed's plain path, which clips but drops the norm: the trainer clips
+    there. Same run on ZeRO-0 and ZeRO-1 (the default): the same norms, the same losses; the norms
+    exceed optim.grad_clip=1.0, so the clipping itself is compared too."""
+    assert_ok(run_module("trainer.train", [*FAST, "engine=zero0", "run_dir=out"], tmp_path, cli_env))
+    zero0, zero1 = read_metrics(tmp_path / "out"), read_metrics(finished_run[0])
+    assert len(zero0) == len(zero1) == 12 and max(e["grad_norm"] for e in zero1) > 1.0
+    for a, b in zip(zero0, zero1):
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
 
 
 def test_restart_resumes_and_finishes(tmp_path, cli_env, finished_run):
@@ -87,7 +100,11 @@ def test_wrong_type_names_the_key(tmp_path, cli_env):
 
 @pytest.mark.parametrize(
     "override, key",
-    [("model.n_head=3", "model.n_head"), ("engine.zero_stage=4", "engine.zero_stage")],
+    [
+        ("model.n_head=3", "model.n_head"),
+        ("engine.zero_stage=4", "engine.zero_stage"),
+        *([] if torch.cuda.is_available() else [("engine.precision=fp16", "engine.precision")]),
+    ],
 )
 def test_impossible_value_is_one_line_exit_2_and_writes_nothing(tmp_path, cli_env, override, key):
     proc = run_module("trainer.train", ["debug=fast", override, "run_dir=out"], tmp_path, cli_env)

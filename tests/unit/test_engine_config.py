@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from trainer.config import EngineConfig, OptimConfig
-from trainer.engine import deepspeed_config, lr_factor
+from trainer.engine import clips_in_trainer, deepspeed_config, lr_factor
 
 
 def _ds(engine: EngineConfig, optim: OptimConfig | None = None, **kw) -> dict:
@@ -49,7 +49,10 @@ def test_optimizer_and_clipping_follow_optim_section():
     params = ds["optimizer"]["params"]
     assert ds["optimizer"]["type"] == "AdamW"
     assert (params["lr"], params["betas"], params["weight_decay"]) == (2e-4, [0.8, 0.9], 0.05)
-    assert ds["gradient_clipping"] == 0.5
+    assert ds["gradient_clipping"] == 0.0  # ZeRO-0 fp32: the trainer clips (and keeps the norm)
+    assert clips_in_trainer(EngineConfig()) and not clips_in_trainer(EngineConfig(precision="bf16"))
+    for engine in (EngineConfig(zero_stage=1), EngineConfig(precision="bf16")):
+        assert _ds(engine, optim)["gradient_clipping"] == 0.5 and not clips_in_trainer(engine)
 
 
 def test_raw_deepspeed_keys_merge_last_and_deep():
