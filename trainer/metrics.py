@@ -14,6 +14,8 @@ from trainer.config import LoggerConfig
 
 log = logging.getLogger("trainer")
 
+_DISK_LOW = 64 * 1024  # bytes free under which W&B's offline writer starts losing events
+
 
 class MetricsSink:
     """Rank 0 writes every event to metrics.jsonl, the console and (optionally) W&B.
@@ -33,6 +35,7 @@ class MetricsSink:
         self._floor = wandb_floor
         self._console = Console(progress) if run_dir is not None else None
         self._file_ok = True
+        self._wandb_disk_warned = False
 
     @property
     def wandb_id(self) -> str | None:
@@ -64,11 +67,29 @@ class MetricsSink:
             elif event["step"] > self._floor:
                 data = {k: v for k, v in event.items() if k != "event" and isinstance(v, (int, float))}
                 self._wandb.log(data, step=event["step"])
+                self._check_wandb_disk(event["step"])
         except Exception as e:  # a logging outage must never stop training
             log.warning(
                 "W&B logging failed (%s); W&B is off for the rest of this run, metrics.jsonl has it all", e
             )
             self._wandb = None
+
+    def _check_wandb_disk(self, step: int) -> None:
+        """W&B's writer drops what it cannot write without telling its caller: say so once."""
+        if self._wandb_disk_warned:
+            return
+        try:
+            fs = os.statvfs(self._wandb.dir)
+        except (OSError, AttributeError):
+            return
+        if fs.f_bavail * fs.f_frsize < _DISK_LOW:
+            self._wandb_disk_warned = True
+            log.warning(
+                "W&B's files in %s: the disk is full, so the W&B run may miss events from step %d on; "
+                "metrics.jsonl still has every event",
+                self._wandb.dir,
+                step,
+            )
 
     def preempting(self) -> None:
         """Tell W&B this run stops to be resumed (it shows as preempted, not failed)."""

@@ -153,3 +153,20 @@ def test_terminal_shows_a_live_bar_and_the_default_model_has_a_sane_mfu(tmp_path
     assert perf["peak_source"].startswith("measured") and perf["peak_tflops"] > 0
     for e in read_metrics(tmp_path / "out"):
         assert 0 < e["mfu"] == e["hfu"] < 1, (e["mfu"], perf)
+
+
+def test_full_disk_under_wandb_files_is_a_warning_and_training_goes_on(tmp_path, cli_env):
+    """W&B's offline files on a real 40 KiB filesystem that fills up a few steps in."""
+    wandb_dir = tmp_path / "out" / "wandb"
+    wandb_dir.mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40k", "tmpfs", str(wandb_dir)], check=True)
+    try:
+        args = ["debug=fast", "max_steps=30", "eval_every=0", *WANDB, "run_dir=out"]
+        proc = run_module("trainer.train", args, tmp_path, cli_env | {"WANDB_MODE": "offline"})
+        free = os.statvfs(wandb_dir).f_bavail
+    finally:
+        subprocess.run(["umount", str(wandb_dir)], check=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert free == 0  # the disk did fill up
+    assert "the disk is full" in proc.stderr and "metrics.jsonl still has every event" in proc.stderr
+    assert [e["step"] for e in read_metrics(tmp_path / "out")] == list(range(1, 31))
