@@ -48,6 +48,8 @@ def test_two_ranks_train_like_one(tmp_path, cli_env, single_rank_losses, stage, 
     losses = [e["loss"] for e in read_metrics(run_dir)]
     assert len(losses) == 8
     assert losses[-1] < losses[0] - 0.3, losses
+    assert proc.stdout.count("train step") == 8  # rank 0 alone reports; the other rank is quiet
+    assert "[rank1] INFO" not in proc.stderr
     # Same global batches, gradients averaged over ranks: the loss curve is the one-rank curve.
     assert losses == pytest.approx(single_rank_losses, rel=1e-4, abs=1e-5)
     assert (run_dir / "checkpoints" / "step-8").is_dir()
