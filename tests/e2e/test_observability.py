@@ -53,7 +53,8 @@ def _wandb_runs(run_dir: Path, tmp: Path) -> list[dict]:
 def test_stopped_and_resumed_run_is_one_wandb_run_with_monotonic_steps(tmp_path, cli_env):
     """SIGUSR1 (as SLURM sends before preemption) saves and exits 85; the same command resumes."""
     env = cli_env | {"WANDB_MODE": "offline", "WANDB_API_KEY": FAKE_KEY}
-    args = ["debug=fast", "max_steps=8", "eval_every=4", *WANDB, "run_dir=out"]
+    # Enough steps that the signal lands mid-run even when the test polls late (a few ms a step).
+    args = ["debug=fast", "max_steps=100", "eval_every=50", *WANDB, "run_dir=out"]
     run_dir = tmp_path / "out"
     proc = _start(args, tmp_path, env)
     _wait_for_step(proc, run_dir, 3)
@@ -62,11 +63,11 @@ def test_stopped_and_resumed_run_is_one_wandb_run_with_monotonic_steps(tmp_path,
     assert proc.returncode == 85, err[-3000:]
     assert_ok(run_module("trainer.train", args, tmp_path, env))
 
-    assert [e["step"] for e in read_metrics(run_dir)] == list(range(1, 9))  # each step once
+    assert [e["step"] for e in read_metrics(run_dir)] == list(range(1, 101))  # each step once
     runs = _wandb_runs(run_dir, tmp_path / "wb")
     assert len(runs) == 2 and runs[0]["run_id"] == runs[1]["run_id"]
     steps = [row["_step"] for r in runs for row in r["history"] if "loss" in row]
-    assert steps == list(range(1, 9)), steps  # one W&B run, every step once, never backwards
+    assert steps == list(range(1, 101)), steps  # one W&B run, every step once, never backwards
     resolved = yaml.safe_load((run_dir / "config.yaml").read_text())
     for r in runs:
         assert {k: v for k, v in r["config"].items() if not k.startswith("_")} == resolved
