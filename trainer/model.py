@@ -81,16 +81,20 @@ class KVCache:
         self.pad = pad if pad is not None and bool(pad.any()) else None  # [B] long, None: no padding
         self.mask: Tensor | None = None  # of the tokens being processed; set by `prepare`
 
-    def prepare(self, T: int) -> Tensor:
-        """Positions of the next T tokens: [T], or [B, T] for padded rows. Sets ``mask`` for attention."""
-        slots = torch.arange(self.pos, self.pos + T, device=self.k[0].device)
+    def prepare(self, T: int) -> slice | Tensor:
+        """Positions of the next T tokens: a slice, or [B, T] for padded rows. Sets ``mask`` for attention.
+
+        A slice indexes the RoPE tables and the position embeddings as a view: at one token per
+        step, building and gathering a [T] index would cost more than the math it feeds.
+        """
         if self.pad is None and T == 1:  # one new token attends to every cached one: no mask
             self.mask = None
-            return slots
+            return slice(self.pos, self.pos + 1)
+        slots = torch.arange(self.pos, self.pos + T, device=self.k[0].device)
         keys = torch.arange(self.pos + T, device=slots.device)
         if self.pad is None:
             self.mask = keys <= slots[:, None]  # [T, S]
-            return slots
+            return slice(self.pos, self.pos + T)
         pad = self.pad[:, None, None]  # [B, 1, 1]
         # Real tokens see real earlier tokens; a pad slot sees itself only, so no row is all -inf
         # (which would give NaN, and NaN values would leak through zero attention weights).
@@ -135,14 +139,14 @@ class CausalSelfAttention(nn.Module):
         layer: int = 0,
     ) -> Tensor:
         B, T, D = x.shape
-        kv_dim = self.n_kv_head * self.head_dim
-        q, k, v = self.qkv(x).split([D, kv_dim, kv_dim], dim=-1)
+        H, K, Q = self.n_head, self.n_kv_head, self.head_dim
+        qk, v = self.qkv(x).split([D + K * Q, K * Q], dim=-1)
         # [B, T, heads*Q] -> [B, heads, T, Q]: sdpa attends over the second-to-last dim
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        qk = qk.view(B, T, H + K, Q).transpose(1, 2)
+        v = v.view(B, T, K, Q).transpose(1, 2)
         if cos is not None:  # cos/sin hold the angles of the new tokens' positions only
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = apply_rope(qk, cos, sin)  # q and k together: half the ops of rotating each
+        q, k = qk.split([H, K], dim=1)
         if cache is not None:  # generation: attend over every cached position [B, K, S, Q]
             k, v = cache.update(layer, k, v)
         if self.n_kv_head != self.n_head:
@@ -321,11 +325,11 @@ class GPT(nn.Module):
 
     def _cached_positions(self, x: Tensor, cache: KVCache) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Position information of the new tokens: learned embeddings added, or RoPE angles."""
-        positions = cache.prepare(x.shape[1])  # [T], or [B, T] for left-padded rows
+        positions = cache.prepare(x.shape[1])  # a slice of T, or [B, T] for left-padded rows
         if self.pos_emb is not None:
-            return x + self.pos_emb(positions), None, None
+            return x + self.pos_emb.weight[positions], None, None  # the lookup pos_emb() does
         cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)
-        if positions.dim() == 2:  # [B, T, Q/2] -> [B, 1, T, Q/2]: broadcasts over heads
+        if isinstance(positions, Tensor):  # [B, T, Q/2] -> [B, 1, T, Q/2]: broadcasts over heads
             cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         return x, cos, sin
 
