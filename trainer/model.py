@@ -41,16 +41,20 @@ def padded_vocab_size(cfg: ModelConfig) -> int:
 
 
 def rope_cache(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotation angles pos * theta^(-2i/Q), each [max_seq_len, Q/2]."""
+    """Tables [max_seq_len, 1, Q] of the rotation angles pos * theta^(-2i/Q) for ``apply_rope``:
+    (cos, cos) and (-sin, sin), each angle once per half; the 1 broadcasts over heads."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)[:, None]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[..., i], x[..., i + Q/2]) of x [B, heads, T, Q] by the angles of cos/sin [T, Q/2]."""
-    x1, x2 = x.chunk(2, dim=-1)  # the "rotate half" layout of GPT-NeoX and HF Llama
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """Rotate pairs (x1, x2) = (x[..., i], x[..., i + Q/2]) of x [B, T, heads, Q] by the angles of
+    the tables cos/sin [T, 1, Q]: (x1 cos - x2 sin, x2 cos + x1 sin), the "rotate half" layout of
+    GPT-NeoX and HF Llama. Rolling x by Q/2 swaps its halves: 4 ops where chunk-and-cat takes 8,
+    which matters when decoding one token at a time, with the same result bit for bit."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 # ---------------------------------------------------------------------------- KV cache (generation)
@@ -145,13 +149,13 @@ class CausalSelfAttention(nn.Module):
     ) -> Tensor:
         B, T, D = x.shape
         H, K, Q = self.n_head, self.n_kv_head, self.head_dim
-        qk, v = self.qkv(x).split([D + K * Q, K * Q], dim=-1)
-        # [B, T, heads*Q] -> [B, heads, T, Q]: sdpa attends over the second-to-last dim
-        qk = qk.view(B, T, H + K, Q).transpose(1, 2)
-        v = v.view(B, T, K, Q).transpose(1, 2)
+        # split_with_sizes, not split: split's Python wrapper costs more than the split itself
+        qk, v = self.qkv(x).view(B, T, H + 2 * K, Q).split_with_sizes([H + K, K], dim=2)
         if cos is not None:  # cos/sin hold the angles of the new tokens' positions only
             qk = apply_rope(qk, cos, sin)  # q and k together: half the ops of rotating each
-        q, k = qk.split([H, K], dim=1)
+        # [B, T, heads, Q] -> [B, heads, T, Q]: sdpa attends over the second-to-last dim
+        q, k = qk.transpose(1, 2).split_with_sizes([H, K], dim=1)
+        v = v.transpose(1, 2)
         if cache is not None:  # generation: attend over every cached position [B, K, S, Q]
             k, v = cache.update(layer, k, v)
         if self.n_kv_head != self.n_head:
@@ -308,7 +312,7 @@ class GPT(nn.Module):
         elif self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(T, device=idx.device))  # [T, D] broadcasts over B
         else:
-            cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)  # [T, Q/2]
+            cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)  # [T, 1, Q]
         x = self.drop(x)
         if cache is not None:  # generation: no activation checkpointing, no loss
             for i, block in enumerate(self.blocks):
@@ -333,10 +337,8 @@ class GPT(nn.Module):
         positions = cache.prepare(x.shape[1])  # a slice of T, or [B, T] for left-padded rows
         if self.pos_emb is not None:
             return x + self.pos_emb.weight[positions], None, None  # the lookup pos_emb() does
-        cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)
-        if isinstance(positions, Tensor):  # [B, T, Q/2] -> [B, 1, T, Q/2]: broadcasts over heads
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return x, cos, sin
+        # [T, 1, Q], or [B, T, 1, Q] for padded rows
+        return x, self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)
 
     def _checkpoints_block(self, i: int) -> bool:
         if self.cfg.act_ckpt == "every_n":
