@@ -41,16 +41,20 @@ def padded_vocab_size(cfg: ModelConfig) -> int:
 
 
 def rope_cache(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos and sin of the rotation angles pos * theta^(-2i/Q), each [max_seq_len, Q/2]."""
+    """Tables [max_seq_len, 1, Q] of the rotation angles pos * theta^(-2i/Q) for ``apply_rope``:
+    (cos, cos) and (-sin, sin), each angle once per half; the 1 broadcasts over heads."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)
-    return angles.cos(), angles.sin()
+    angles = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)[:, None]
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x[..., i], x[..., i + Q/2]) of x [B, heads, T, Q] by the angles of cos/sin [T, Q/2]."""
-    x1, x2 = x.chunk(2, dim=-1)  # the "rotate half" layout of GPT-NeoX and HF Llama
-    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    """Rotate pairs (x1, x2) = (x[..., i], x[..., i + Q/2]) of x [B, T, heads, Q] by the angles of
+    the tables cos/sin [T, 1, Q]: (x1 cos - x2 sin, x2 cos + x1 sin), the "rotate half" layout of
+    GPT-NeoX and HF Llama. Rolling x by Q/2 swaps its halves: 4 ops where chunk-and-cat takes 8,
+    which matters when decoding one token at a time, with the same result bit for bit."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin
 
 
 # ---------------------------------------------------------------------------- KV cache (generation)
@@ -81,16 +85,20 @@ class KVCache:
         self.pad = pad if pad is not None and bool(pad.any()) else None  # [B] long, None: no padding
         self.mask: Tensor | None = None  # of the tokens being processed; set by `prepare`
 
-    def prepare(self, T: int) -> Tensor:
-        """Positions of the next T tokens: [T], or [B, T] for padded rows. Sets ``mask`` for attention."""
-        slots = torch.arange(self.pos, self.pos + T, device=self.k[0].device)
+    def prepare(self, T: int) -> slice | Tensor:
+        """Positions of the next T tokens: a slice, or [B, T] for padded rows. Sets ``mask`` for attention.
+
+        A slice indexes the RoPE tables and the position embeddings as a view: at one token per
+        step, building and gathering a [T] index would cost more than the math it feeds.
+        """
         if self.pad is None and T == 1:  # one new token attends to every cached one: no mask
             self.mask = None
-            return slots
+            return slice(self.pos, self.pos + 1)
+        slots = torch.arange(self.pos, self.pos + T, device=self.k[0].device)
         keys = torch.arange(self.pos + T, device=slots.device)
         if self.pad is None:
             self.mask = keys <= slots[:, None]  # [T, S]
-            return slots
+            return slice(self.pos, self.pos + T)
         pad = self.pad[:, None, None]  # [B, 1, 1]
         # Real tokens see real earlier tokens; a pad slot sees itself only, so no row is all -inf
         # (which would give NaN, and NaN values would leak through zero attention weights).
@@ -109,10 +117,30 @@ class KVCache:
 # ---------------------------------------------------------------------------- transformer block
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm over the last dim, written out for fp32 on CPU.
+
+    There torch's rms_norm (2.13) runs these same ops, so the results are identical bit for bit
+    (forward and backward), but it adds two copies and more dispatch: a few percent of a decoded
+    token for the tiny model (9 norms per token). Other devices keep torch's fused kernel, and
+    half types its fp32 math.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not (x.is_cpu and x.dtype == torch.float32):
+            return super().forward(x)
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)  # RMSNorm has a gain but never a bias
+        return RMSNorm(cfg.d_model, eps=cfg.norm_eps)  # RMSNorm has a gain but never a bias
     return nn.LayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=cfg.bias)
+
+
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    # no call at all where dropout would return x: a module call costs ~2 us, 10 per decoded token
+    return F.dropout(x, p) if training and p > 0 else x
 
 
 class CausalSelfAttention(nn.Module):
@@ -123,8 +151,7 @@ class CausalSelfAttention(nn.Module):
         # q, k and v in one matmul; k and v are narrower under grouped-query attention
         self.qkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=cfg.bias)
         self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=cfg.bias)
-        self.attn_dropout = cfg.dropout
-        self.resid_dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout  # of the attention weights and of the output
 
     def forward(
         self,
@@ -135,14 +162,14 @@ class CausalSelfAttention(nn.Module):
         layer: int = 0,
     ) -> Tensor:
         B, T, D = x.shape
-        kv_dim = self.n_kv_head * self.head_dim
-        q, k, v = self.qkv(x).split([D, kv_dim, kv_dim], dim=-1)
-        # [B, T, heads*Q] -> [B, heads, T, Q]: sdpa attends over the second-to-last dim
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        H, K, Q = self.n_head, self.n_kv_head, self.head_dim
+        # split_with_sizes, not split: split's Python wrapper costs more than the split itself
+        qk, v = self.qkv(x).view(B, T, H + 2 * K, Q).split_with_sizes([H + K, K], dim=2)
         if cos is not None:  # cos/sin hold the angles of the new tokens' positions only
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            qk = apply_rope(qk, cos, sin)  # q and k together: half the ops of rotating each
+        # [B, T, heads, Q] -> [B, heads, T, Q]: sdpa attends over the second-to-last dim
+        q, k = qk.transpose(1, 2).split_with_sizes([H, K], dim=1)
+        v = v.transpose(1, 2)
         if cache is not None:  # generation: attend over every cached position [B, K, S, Q]
             k, v = cache.update(layer, k, v)
         if self.n_kv_head != self.n_head:
@@ -150,12 +177,12 @@ class CausalSelfAttention(nn.Module):
             k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)  # [B, H, S, Q]
             v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         if cache is None:
-            dropout_p = self.attn_dropout if self.training else 0.0
+            dropout_p = self.dropout if self.training else 0.0
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:  # queries are the last T of S positions: is_causal would align them to the first T
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)
         y = y.transpose(1, 2).reshape(B, T, D)  # [B, H, T, Q] -> [B, T, D]
-        return self.resid_dropout(self.out_proj(y))
+        return dropout(self.out_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -165,10 +192,10 @@ class MLP(nn.Module):
         super().__init__()
         self.up = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
         self.down = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.down(F.gelu(self.up(x))))
+        return dropout(self.down(F.gelu(self.up(x))), self.dropout, self.training)
 
 
 class SwiGLU(nn.Module):
@@ -179,10 +206,10 @@ class SwiGLU(nn.Module):
         self.w1 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
         self.w3 = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=cfg.bias)
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=cfg.bias)
-        self.dropout = nn.Dropout(cfg.dropout)
+        self.dropout = cfg.dropout
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)))
+        return dropout(self.w2(F.silu(self.w1(x)) * self.w3(x)), self.dropout, self.training)
 
 
 class Block(nn.Module):
@@ -244,7 +271,6 @@ class GPT(nn.Module):
         vocab = padded_vocab_size(cfg)
         self.tok_emb = nn.Embedding(vocab, cfg.d_model)
         self.pos_emb = nn.Embedding(cfg.max_seq_len, cfg.d_model) if cfg.pos_emb == "learned" else None
-        self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.d_model, vocab, bias=False)
@@ -299,8 +325,8 @@ class GPT(nn.Module):
         elif self.pos_emb is not None:
             x = x + self.pos_emb(torch.arange(T, device=idx.device))  # [T, D] broadcasts over B
         else:
-            cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)  # [T, Q/2]
-        x = self.drop(x)
+            cos, sin = self.rope_cos[:T].to(x.dtype), self.rope_sin[:T].to(x.dtype)  # [T, 1, Q]
+        x = dropout(x, self.cfg.dropout, self.training)
         if cache is not None:  # generation: no activation checkpointing, no loss
             for i, block in enumerate(self.blocks):
                 x = block(x, cos, sin, cache, i)
@@ -321,13 +347,11 @@ class GPT(nn.Module):
 
     def _cached_positions(self, x: Tensor, cache: KVCache) -> tuple[Tensor, Tensor | None, Tensor | None]:
         """Position information of the new tokens: learned embeddings added, or RoPE angles."""
-        positions = cache.prepare(x.shape[1])  # [T], or [B, T] for left-padded rows
+        positions = cache.prepare(x.shape[1])  # a slice of T, or [B, T] for left-padded rows
         if self.pos_emb is not None:
-            return x + self.pos_emb(positions), None, None
-        cos, sin = self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)
-        if positions.dim() == 2:  # [B, T, Q/2] -> [B, 1, T, Q/2]: broadcasts over heads
-            cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        return x, cos, sin
+            return x + self.pos_emb.weight[positions], None, None  # the lookup pos_emb() does
+        # [T, 1, Q], or [B, T, 1, Q] for padded rows
+        return x, self.rope_cos[positions].to(x.dtype), self.rope_sin[positions].to(x.dtype)
 
     def _checkpoints_block(self, i: int) -> bool:
         if self.cfg.act_ckpt == "every_n":

@@ -10,10 +10,13 @@ variant generates exactly ``--new-tokens`` greedy tokens for one prompt (end-of-
 ours with the cache, ours recomputing the whole context every step, and, when transformers is
 installed, the exported model's ``generate`` (its own KV cache, same dtype and threads). The
 variants alternate, ``--repeats`` times each after a discarded warm-up round; the figures are
-medians (and each variant's best run, for a busy machine). Targets: cache / no cache >= 5x;
-ours / transformers >= 1x. Decoding one sequence is latency-bound (hundreds of tiny ops per
-token), so ``--threads`` defaults to 1: on a shared 2-core machine more intra-op threads make
-every variant slower and the figures erratic. All variants run under the same setting.
+medians (and each variant's best run, for a busy machine). The ``cpu_`` figures divide by the
+process's CPU time instead of wall-clock time: on a shared machine they leave out the time other
+jobs hold the cores, and at one thread they equal the wall-clock figures on an idle machine.
+Targets: cache / no cache >= 5x; ours / transformers >= 1x. Decoding one sequence is
+latency-bound (hundreds of tiny ops per token), so ``--threads`` defaults to 1: on a shared
+2-core machine more intra-op threads make every variant slower and the figures erratic. All
+variants run under the same setting.
 """
 
 from __future__ import annotations
@@ -86,16 +89,21 @@ def transformers_generate(model: GPT, prompt: list[int], new_tokens: int, dtype:
     return run
 
 
-def measure(variants: dict[str, Callable[[], list[int]]], repeats: int) -> dict[str, list[float]]:
-    """Seconds of each repeat per variant; the variants alternate so machine noise hits all alike."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
+def measure(
+    variants: dict[str, Callable[[], list[int]]], repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall-clock and CPU seconds of each repeat per variant; the variants alternate so machine
+    noise hits all alike."""
+    wall: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     for round_ in range(repeats + 1):
         for name, fn in variants.items():
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             fn()
             if round_ > 0:  # round 0 warms up allocators and caches
-                times[name].append(time.perf_counter() - t0)
-    return times
+                wall[name].append(time.perf_counter() - t0)
+                cpu[name].append(time.process_time() - c0)
+    return wall, cpu
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -125,9 +133,10 @@ def main(argv: list[str] | None = None) -> dict:
         if hf is not None:
             variants["transformers"] = hf
         same = {name: fn() == variants["cache"]() for name, fn in variants.items()}
-        seconds = measure(variants, args.repeats)
+        seconds, cpu_seconds = measure(variants, args.repeats)
     rate = {name: args.new_tokens / statistics.median(s) for name, s in seconds.items()}
     best = {name: args.new_tokens / min(s) for name, s in seconds.items()}  # the least disturbed run
+    cpu_rate = {name: args.new_tokens / statistics.median(s) for name, s in cpu_seconds.items()}
     report = {
         "model": args.model,
         "params": num_params(model.cfg),
@@ -138,11 +147,14 @@ def main(argv: list[str] | None = None) -> dict:
         "new_tokens": args.new_tokens,
         "tokens_per_s": {k: round(v, 1) for k, v in rate.items()},
         "best_tokens_per_s": {k: round(v, 1) for k, v in best.items()},
+        "cpu_tokens_per_s": {k: round(v, 1) for k, v in cpu_rate.items()},
         "cache_speedup": round(rate["cache"] / rate["no_cache"], 2),
+        "cpu_cache_speedup": round(cpu_rate["cache"] / cpu_rate["no_cache"], 2),
         "same_tokens_as_cache": same,
     }
     if "transformers" in rate:
         report["ours_vs_transformers"] = round(rate["cache"] / rate["transformers"], 2)
+        report["cpu_ours_vs_transformers"] = round(cpu_rate["cache"] / cpu_rate["transformers"], 2)
     print(json.dumps(report, indent=2))
     return report
 
