@@ -50,6 +50,7 @@ log = logging.getLogger("trainer")
 _DTYPES = {"uint16": "<u2", "uint32": "<u4"}
 _SHARD_KEYS = {"path": str, "samples": int, "sha256": str, "bytes": int}
 ON_CORRUPT = ("error", "skip")
+_KEPT = ("ahead", "pool", "buffer", "ahead_buffer")  # a pass' cache entries that outlive an epoch
 
 
 def _manifest_problem(m: Any) -> str | None:
@@ -168,7 +169,7 @@ class Source:
         while pos < end:
             epoch, offset = divmod(pos, self.num_samples)
             if cache.get("epoch") != epoch:
-                kept = {k: cache[k] for k in ("ahead", "pool") if k in cache}  # the read-ahead carries on
+                kept = {k: cache[k] for k in _KEPT if k in cache}  # the read-ahead carries on
                 cache.clear()
                 cache.update(epoch=epoch, plan=self.epoch_plan(epoch), **kept)
             plan = cache["plan"]
@@ -193,36 +194,39 @@ class Source:
         if ahead is not None and ahead[0] == (plan.epoch, w):
             window = ahead[1].result()  # a read error surfaces here, where the window is needed
         else:
-            window = self._load_window(plan, w)
+            window = self._load_window(plan, w, cache.setdefault("buffer", bytearray()))
         if self.how.read_ahead:
             following = (plan, w + 1) if w + 1 < len(plan.windows) else (self.epoch_plan(plan.epoch + 1), 0)
             pool = cache.setdefault("pool", ThreadPoolExecutor(1, thread_name_prefix="ShardLoader-read"))
-            cache["ahead"] = ((following[0].epoch, following[1]), pool.submit(self._load_window, *following))
+            buffer = cache.setdefault("ahead_buffer", bytearray())  # used by the pool's one thread only
+            future = pool.submit(self._load_window, *following, buffer)
+            cache["ahead"] = ((following[0].epoch, following[1]), future)
         return window
 
-    def _load_window(self, plan: _EpochPlan, w: int) -> dict[str, np.ndarray]:
+    def _load_window(self, plan: _EpochPlan, w: int, buffer: bytearray) -> dict[str, np.ndarray]:
         """Window ``w`` of ``plan``'s epoch, its samples permuted into the epoch's order."""
-        window = self._read_window(plan.windows[w])
+        window = self._read_window(plan.windows[w], buffer)
         if not plan.shuffle:
             return window
         perm = plan.permutation(w)
         return {key: array[perm] for key, array in window.items()}
 
-    def _read_window(self, shard_indices: np.ndarray) -> dict[str, np.ndarray]:
+    def _read_window(self, shard_indices: np.ndarray, buffer: bytearray) -> dict[str, np.ndarray]:
         """All samples of the window's shards, read shard after shard: rows [n, seq_len+1], ids, valid."""
         counts = self.counts[shard_indices]
         rows = np.empty((int(counts.sum()), self.seq_len + 1), self.dtype)
         payload = rows.view(np.uint8)  # each shard's payloads are copied straight into their rows
         ends = np.cumsum(counts)
-        valid = [self._read_shard(int(i), payload[e - n : e]) for i, n, e in zip(shard_indices, counts, ends)]
+        bounds = zip(shard_indices, counts, ends)
+        valid = [self._read_shard(int(i), payload[e - n : e], buffer) for i, n, e in bounds]
         ids = [np.arange(self.counts[i]) + self.first_ids[i] for i in shard_indices]
         return {"rows": rows, "valid": np.concatenate(valid), "ids": np.concatenate(ids)}
 
-    def _read_shard(self, index: int, out: np.ndarray) -> np.ndarray:
+    def _read_shard(self, index: int, out: np.ndarray, buffer: bytearray) -> np.ndarray:
         shard = self.shards[index]
         url = _shard_url(self.dir, shard["path"])
         self.shard_reads[shard["path"]] += 1
-        valid, problem = read_shard(url, out, shard["sha256"] if self.how.verify else None)
+        valid, problem = read_shard(url, out, shard["sha256"] if self.how.verify else None, buffer)
         if problem is not None:
             if not self.how.skip:
                 raise DataError(

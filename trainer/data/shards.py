@@ -1,11 +1,12 @@
 """Read one tar shard into its samples' token rows, and say which samples are intact.
 
-A shard is read in one sequential read through ``webdataset.gopen`` (a local path, a URL or a
-``pipe:`` command). The shards ``prepare`` writes have one regular layout: each sample is a ustar
-member (512-byte header, payload padded to 512 bytes) of the same size, type and name pattern.
-That layout is checked and sliced with numpy at memory speed; a shard that
-does not match it in any way (another writer, or damage) goes through Python's ``tarfile`` member
-by member, which finds exactly which samples are intact and what is wrong.
+A shard is read in one sequential read: a local file straight into a caller's reusable buffer (no
+fresh allocation per shard), a URL or a ``pipe:`` command through ``webdataset.gopen``. The shards
+``prepare`` writes have one regular layout: each sample is a ustar member (512-byte header, payload
+padded to 512 bytes) of the same size, type and name pattern. That layout is checked and sliced with
+numpy at memory speed; a shard that does not match it in any way (another writer, or damage) goes
+through Python's ``tarfile`` member by member, which finds exactly which samples are intact and
+what is wrong.
 
 A damaged shard is described, never silently used: ``read_shard`` names the first problem and
 marks the samples that can still be trusted. A read or tar error keeps the samples before
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tarfile
 
 import numpy as np
@@ -33,17 +35,19 @@ def _reason(exn: BaseException) -> str:
     return str(getattr(exn, "strerror", None) or (exn.args[0] if exn.args else type(exn).__name__))
 
 
-def read_shard(url: str, out: np.ndarray, sha256: str | None = None) -> tuple[np.ndarray, str | None]:
+def read_shard(
+    url: str, out: np.ndarray, sha256: str | None = None, buffer: bytearray | None = None
+) -> tuple[np.ndarray, str | None]:
     """Fill ``out`` (uint8 [samples the manifest lists, sample bytes]) with the shard's payloads.
 
     Returns (valid [samples] bool, the first problem or None). Rows that are not valid are zeros.
-    With ``sha256`` the shard's bytes are hashed too (in memory, no second read).
+    With ``sha256`` the shard's bytes are hashed too (in memory, no second read). A local file is
+    read into ``buffer`` (grown as needed; its contents are scratch once this returns), so a caller
+    that reads shard after shard reuses one allocation.
     """
     samples = len(out)
     try:
-        stream = wds.gopen(url, "rb")
-        data = stream.read()
-        stream.close()  # a pipe: command's exit status is checked here
+        data = _read_all(url, bytearray() if buffer is None else buffer)
     except Exception as exn:
         out[:] = 0
         return np.zeros(samples, bool), f"cannot read it ({_reason(exn)})"
@@ -59,7 +63,27 @@ def read_shard(url: str, out: np.ndarray, sha256: str | None = None) -> tuple[np
     return valid, problem
 
 
-def _slice_regular(data: bytes, samples: int, sample_bytes: int) -> np.ndarray | None:
+def _read_all(url: str, buffer: bytearray) -> memoryview | bytes:
+    """The shard's bytes: a local file read into ``buffer``, anything else through gopen."""
+    if "://" in url or url.startswith("pipe:"):
+        stream = wds.gopen(url, "rb")
+        data = stream.read()
+        stream.close()  # a pipe: command's exit status is checked here
+        return data
+    with open(url, "rb", buffering=0) as f:
+        size, end = 0, os.fstat(f.fileno()).st_size + 1  # one spare byte: EOF shows in the same pass
+        while True:
+            if len(buffer) < end:
+                buffer.extend(bytes(end - len(buffer)))
+            got = f.readinto(memoryview(buffer)[size:end])
+            if not got:
+                return memoryview(buffer)[:size]
+            size += got
+            if size == end:  # the file grew since fstat: read on
+                end *= 2
+
+
+def _slice_regular(data: memoryview | bytes, samples: int, sample_bytes: int) -> np.ndarray | None:
     """The payloads [samples, sample_bytes] if ``data`` is exactly prepare's layout, else None.
 
     The first header is parsed (and its checksum checked) by tarfile; every other header must agree
@@ -93,7 +117,7 @@ def _key_length(head: bytes, sample_bytes: int) -> int | None:
     return len(name) - len(_SUFFIX)
 
 
-def _read_members(data: bytes, out: np.ndarray) -> tuple[np.ndarray, str | None]:
+def _read_members(data: memoryview | bytes, out: np.ndarray) -> tuple[np.ndarray, str | None]:
     """The slow, exact path: walk the tar member by member and record what is intact."""
     samples, sample_bytes = out.shape
     payloads: list[bytes | None] = []  # one per regular member: each member is one sample's position
