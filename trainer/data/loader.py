@@ -482,6 +482,13 @@ class ShardLoader:
         """The next global batch's position after it and this rank's slice; None when a finite pass ends."""
         G = self.global_batch_size
         lo, hi = self.rank * G // self.world_size, (self.rank + 1) * G // self.world_size
+        if not self.skip and len(self.sources) == 1:  # as below, in plain ints: per-batch cost matters
+            (first,) = pos.counts
+            if not self.infinite and first + G > self.num_samples:
+                return None
+            ids, rows, _ = self.sources[0].take(first + lo, hi - lo, caches[0])
+            batch = self._to_batch(np.zeros(hi - lo, np.int64), ids, rows)
+            return _Position((first + G,), pos.skipped), batch
         counts = np.array(pos.counts, np.int64)
         if not self.skip:  # every position is used: read only this rank's slice
             picks = self.mixture.picks(counts, G)
