@@ -3,10 +3,11 @@
 Order of one source (one split of one prepared dataset), per epoch: shuffle the shard order with
 an RNG seeded from (seed, epoch), group consecutive shards into windows of ``shuffle_window``
 shards, and permute the samples of each window with an RNG seeded from (seed, epoch, window).
-Shards are still read sequentially; only one window per source is held in memory. The val split
-keeps manifest order, so every evaluation sees the same samples. Epoch e+1 follows epoch e with
-nothing dropped. A train loader reads the next window in a background thread while the current one
-is consumed, so a window boundary does not stall training.
+Each shard is still read sequentially (two of a window at a time); only one window per source is
+held in memory, in shard order beside its permutation, and each batch gathers its rows through it.
+The val split keeps manifest order, so every evaluation sees the same samples. Epoch e+1 follows
+epoch e with nothing dropped. A train loader reads the next window in a background thread while the
+current one is consumed, so a window boundary does not stall training.
 
 Several sources are interleaved into one global stream by a weighted ``Mixture``: position p draws
 the next sample of the source the mixture picks for it. Each source keeps its own order and epochs
