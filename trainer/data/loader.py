@@ -54,8 +54,9 @@ _DTYPES = {"uint16": "<u2", "uint32": "<u4"}
 _SHARD_KEYS = {"path": str, "samples": int, "sha256": str, "bytes": int}
 ON_CORRUPT = ("error", "skip")
 _KEPT = ("ahead", "pool", "readers")  # a pass' cache entries that outlive an epoch
-# Shards of a window read at once: reading, header checks, copies and sha256 release the GIL, so two
-# threads read about twice as fast on two free cores (sha256 alone runs near 0.8 GB/s per core).
+# Shards of a window read at once. sha256 (data.verify_shards) bounds a reading thread at ~1 GB/s and
+# releases the GIL: a window of the benchmark dataset read at 1.9-2.0 GB/s with two threads, 1.1 GB/s
+# with one. Without sha256 both read it at 3.6-3.8 GB/s (memory-bound): the second thread is idle then.
 _READ_THREADS = min(2, os.cpu_count() or 1)
 
 
