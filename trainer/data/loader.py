@@ -56,7 +56,7 @@ ON_CORRUPT = ("error", "skip")
 _KEPT = ("ahead", "pool", "readers")  # a pass' cache entries that outlive an epoch
 # Shards of a window read at once. sha256 (data.verify_shards) bounds a reading thread at ~1 GB/s and
 # releases the GIL: a window of the benchmark dataset read at 1.9-2.0 GB/s with two threads, 1.1 GB/s
-# with one. Without sha256 both read it at 3.6-3.8 GB/s (memory-bound): the second thread is idle then.
+# with one. Without sha256 both read it at 3.6-3.8 GB/s: there the second thread adds nothing.
 _READ_THREADS = min(2, os.cpu_count() or 1)
 
 
