@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from trainer.data import shards
 from trainer.data.loader import load_manifest
 from trainer.data.prepare import prepare_dataset
 from trainer.data.shards import _read_members, _slice_regular, read_shard
@@ -111,3 +112,31 @@ def test_pipe_command_failure_is_a_read_problem(shard):
     valid, problem = read_shard(f"pipe:cat {path}", out)
     assert valid.all() and problem is None
     assert load_manifest(path.parent)["splits"]["train"]["shards"][0]["samples"] == n
+
+
+@pytest.mark.parametrize("piece", [1, 3 * 1024, 1 << 20])  # bytes per read: rounded up to whole samples
+def test_local_reads_in_pieces_agree_with_whole_reads(shard, tmp_path, monkeypatch, piece):
+    """A local file is checked piece by piece; a pipe: command goes the whole-data way. Same results."""
+    monkeypatch.setattr(shards, "_PIECE", piece)
+    path, n, sha = shard
+    data = path.read_bytes()
+    end = n * 1024  # prepare's layout at this sample size: 1024 bytes per sample
+    variants = {
+        "intact": data,
+        "appended": data + b"x" * 10,
+        "extra member": data[:end] + data[:1024] + data[end:],
+    }
+    for cut in (100, 3 * 1024, 3 * 1024 + 600, end, end + 512, end + 1023, end + 1024, len(data) - 1):
+        variants[f"cut at {cut}"] = data[:cut]
+    for at in (5 * 1024 + 20, 5 * 1024 + 130, 5 * 1024 + 156, 5 * 1024 + 520, end + 700):
+        changed = bytearray(data)  # a name, size or type byte, a payload byte, an end-of-archive byte
+        changed[at] ^= 1
+        variants[f"byte {at}"] = bytes(changed)
+    for name, content in variants.items():
+        (tmp_path / "v.tar").write_bytes(content)
+        for digest in (None, sha):
+            local, whole = np.full((n, SAMPLE_BYTES), 7, np.uint8), np.full((n, SAMPLE_BYTES), 9, np.uint8)
+            got = read_shard(str(tmp_path / "v.tar"), local, digest, bytearray())
+            want = read_shard(f"pipe:cat {tmp_path / 'v.tar'}", whole, digest)
+            assert got[1] == want[1] and np.array_equal(got[0], want[0]), (name, digest)
+            assert np.array_equal(local, whole), (name, digest)

@@ -3,10 +3,11 @@
 Order of one source (one split of one prepared dataset), per epoch: shuffle the shard order with
 an RNG seeded from (seed, epoch), group consecutive shards into windows of ``shuffle_window``
 shards, and permute the samples of each window with an RNG seeded from (seed, epoch, window).
-Shards are still read sequentially; only one window per source is held in memory. The val split
-keeps manifest order, so every evaluation sees the same samples. Epoch e+1 follows epoch e with
-nothing dropped. A train loader reads the next window in a background thread while the current one
-is consumed, so a window boundary does not stall training.
+Each shard is still read sequentially (two of a window at a time); only one window per source is
+held in memory, in shard order beside its permutation, and each batch gathers its rows through it.
+The val split keeps manifest order, so every evaluation sees the same samples. Epoch e+1 follows
+epoch e with nothing dropped. A train loader reads the next window in a background thread while the
+current one is consumed, so a window boundary does not stall training.
 
 Several sources are interleaved into one global stream by a weighted ``Mixture``: position p draws
 the next sample of the source the mixture picks for it. Each source keeps its own order and epochs
@@ -30,6 +31,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -50,6 +53,11 @@ log = logging.getLogger("trainer")
 _DTYPES = {"uint16": "<u2", "uint32": "<u4"}
 _SHARD_KEYS = {"path": str, "samples": int, "sha256": str, "bytes": int}
 ON_CORRUPT = ("error", "skip")
+_KEPT = ("ahead", "pool", "readers")  # a pass' cache entries that outlive an epoch
+# Shards of a window read at once. sha256 (data.verify_shards) bounds a reading thread at ~1 GB/s and
+# releases the GIL: a window of the benchmark dataset read at 1.9-2.0 GB/s with two threads, 1.1 GB/s
+# with one. Without sha256 both read it at 3.6-3.8 GB/s: there the second thread adds nothing.
+_READ_THREADS = min(2, os.cpu_count() or 1)
 
 
 def _manifest_problem(m: Any) -> str | None:
@@ -133,6 +141,23 @@ class _Reading:
     read_ahead: bool  # read the next window in a background thread while this one is consumed
 
 
+class _Readers:
+    """A pass' shard-reading threads, each with its own read buffer, reused shard after shard."""
+
+    def __init__(self, threads: int):
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="ShardLoader-read")
+        self._local = threading.local()
+
+    def buffer(self) -> bytearray:
+        """The calling thread's buffer."""
+        if not hasattr(self._local, "buffer"):
+            self._local.buffer = bytearray()
+        return self._local.buffer
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
 class Source:
     """One split of one prepared dataset, read by position in its own endless (seed, epoch) order."""
 
@@ -160,69 +185,83 @@ class Source:
     def take(self, first: int, count: int, cache: dict[str, Any]) -> tuple[np.ndarray, ...]:
         """(ids, rows, valid) at this source's positions [first, first + count), across windows/epochs.
 
-        ``cache`` holds one pass' epoch plan and its one window, already in the epoch's order, so a
-        run of positions within a window is a slice (a view: the caller copies what it keeps).
+        ``cache`` holds one pass' epoch plan and its one window, in shard order beside the window's
+        permutation, so a run of positions within a window is one gather (unshuffled: a slice, a
+        view; the caller copies what it keeps).
         """
-        ids, rows, valid = [], [], []
+        parts = []
         pos, end = first, first + count
         while pos < end:
             epoch, offset = divmod(pos, self.num_samples)
             if cache.get("epoch") != epoch:
-                kept = {k: cache[k] for k in ("ahead", "pool") if k in cache}  # the read-ahead carries on
+                kept = {k: cache[k] for k in _KEPT if k in cache}  # the read-ahead carries on
                 cache.clear()
                 cache.update(epoch=epoch, plan=self.epoch_plan(epoch), **kept)
-            plan = cache["plan"]
-            w = plan.window_of(offset)
-            if cache.get("window") != w:
+            if not cache.get("lo", 0) <= offset < cache.get("hi", 0):  # another window: load it
+                plan = cache["plan"]
+                w = plan.window_of(offset)
                 cache.pop("rows", None)  # free the old window before reading the next one
-                cache.update(window=w, **self._window(plan, w, cache))
-            j = offset - int(plan.starts[w])
-            k = min(end - pos, len(cache["ids"]) - j)
-            ids.append(cache["ids"][j : j + k])
-            rows.append(cache["rows"][j : j + k])
-            valid.append(cache["valid"][j : j + k])
+                lo, hi = int(plan.starts[w]), int(plan.starts[w + 1])
+                cache.update(lo=lo, hi=hi, **self._window(plan, w, cache))
+            j, k = offset - cache["lo"], min(end - pos, cache["hi"] - offset)
+            arrays, order = (cache["ids"], cache["rows"], cache["valid"]), cache["order"]
+            if order is None:
+                parts.append([a[j : j + k] for a in arrays])
+            else:  # take(): a plain gather, markedly faster than fancy indexing of the rows
+                at = order[j : j + k]
+                parts.append([a.take(at, axis=0) for a in arrays])
             pos += k
-        return tuple(parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in (ids, rows, valid))
+        return tuple(parts[0]) if len(parts) == 1 else tuple(np.concatenate(p) for p in zip(*parts))
 
-    def _window(self, plan: _EpochPlan, w: int, cache: dict[str, Any]) -> dict[str, np.ndarray]:
+    def _window(self, plan: _EpochPlan, w: int, cache: dict[str, Any]) -> dict[str, Any]:
         """Window ``w`` of ``plan``'s epoch (from the read-ahead when it has it); starts reading the next.
 
         With read-ahead two windows per source are in memory: the one in use and the next.
         """
+        readers = cache.setdefault("readers", _Readers(min(_READ_THREADS, self.how.window)))
         ahead = cache.pop("ahead", None)
         if ahead is not None and ahead[0] == (plan.epoch, w):
             window = ahead[1].result()  # a read error surfaces here, where the window is needed
         else:
-            window = self._load_window(plan, w)
+            window = self._load_window(plan, w, readers)
         if self.how.read_ahead:
             following = (plan, w + 1) if w + 1 < len(plan.windows) else (self.epoch_plan(plan.epoch + 1), 0)
-            pool = cache.setdefault("pool", ThreadPoolExecutor(1, thread_name_prefix="ShardLoader-read"))
-            cache["ahead"] = ((following[0].epoch, following[1]), pool.submit(self._load_window, *following))
+            pool = cache.setdefault("pool", ThreadPoolExecutor(1, thread_name_prefix="ShardLoader-ahead"))
+            future = pool.submit(self._load_window, *following, readers)
+            cache["ahead"] = ((following[0].epoch, following[1]), future)
         return window
 
-    def _load_window(self, plan: _EpochPlan, w: int) -> dict[str, np.ndarray]:
-        """Window ``w`` of ``plan``'s epoch, its samples permuted into the epoch's order."""
-        window = self._read_window(plan.windows[w])
-        if not plan.shuffle:
-            return window
-        perm = plan.permutation(w)
-        return {key: array[perm] for key, array in window.items()}
+    def _load_window(self, plan: _EpochPlan, w: int, readers: _Readers) -> dict[str, Any]:
+        """Window ``w`` of ``plan``'s epoch in shard order, and ``order``: its permutation (None: as read).
 
-    def _read_window(self, shard_indices: np.ndarray) -> dict[str, np.ndarray]:
-        """All samples of the window's shards, read shard after shard: rows [n, seq_len+1], ids, valid."""
+        The samples are not permuted here: each batch gathers its rows through ``order``, one copy.
+        """
+        window: dict[str, Any] = self._read_window(plan.windows[w], readers)
+        window["order"] = plan.permutation(w) if plan.shuffle else None
+        return window
+
+    def _read_window(self, shard_indices: np.ndarray, readers: _Readers) -> dict[str, np.ndarray]:
+        """All samples of the window's shards: rows [n, seq_len+1], ids, valid.
+
+        Each shard is read sequentially, by ``readers`` (several shards at a time); an error is
+        that of the first bad shard in window order, as when they were read one after the other.
+        """
         counts = self.counts[shard_indices]
         rows = np.empty((int(counts.sum()), self.seq_len + 1), self.dtype)
         payload = rows.view(np.uint8)  # each shard's payloads are copied straight into their rows
         ends = np.cumsum(counts)
-        valid = [self._read_shard(int(i), payload[e - n : e]) for i, n, e in zip(shard_indices, counts, ends)]
+        jobs = []
+        for i, n, e in zip(shard_indices, counts, ends):
+            self.shard_reads[self.shards[i]["path"]] += 1  # counted here: Counter is not thread-safe
+            jobs.append(readers.pool.submit(self._read_shard, int(i), payload[e - n : e], readers))
+        valid = [job.result() for job in jobs]
         ids = [np.arange(self.counts[i]) + self.first_ids[i] for i in shard_indices]
         return {"rows": rows, "valid": np.concatenate(valid), "ids": np.concatenate(ids)}
 
-    def _read_shard(self, index: int, out: np.ndarray) -> np.ndarray:
+    def _read_shard(self, index: int, out: np.ndarray, readers: _Readers) -> np.ndarray:
         shard = self.shards[index]
         url = _shard_url(self.dir, shard["path"])
-        self.shard_reads[shard["path"]] += 1
-        valid, problem = read_shard(url, out, shard["sha256"] if self.how.verify else None)
+        valid, problem = read_shard(url, out, shard["sha256"] if self.how.verify else None, readers.buffer())
         if problem is not None:
             if not self.how.skip:
                 raise DataError(
@@ -434,15 +473,24 @@ class ShardLoader:
             while (step := self._next_batch(pos, caches)) is not None:
                 pos, batch = step
                 yield pos, batch
-        finally:  # the pass ends or is abandoned: stop its read-ahead threads
+        finally:  # the pass ends or is abandoned: stop its read-ahead and reading threads
             for cache in caches:
                 if "pool" in cache:
                     cache["pool"].shutdown(wait=False, cancel_futures=True)
+                if "readers" in cache:
+                    cache["readers"].shutdown()
 
     def _next_batch(self, pos: _Position, caches: list[dict]) -> tuple[_Position, dict] | None:
         """The next global batch's position after it and this rank's slice; None when a finite pass ends."""
         G = self.global_batch_size
         lo, hi = self.rank * G // self.world_size, (self.rank + 1) * G // self.world_size
+        if not self.skip and len(self.sources) == 1:  # as below, in plain ints: per-batch cost matters
+            (first,) = pos.counts
+            if not self.infinite and first + G > self.num_samples:
+                return None
+            ids, rows, _ = self.sources[0].take(first + lo, hi - lo, caches[0])
+            batch = self._to_batch(np.zeros(hi - lo, np.int64), ids, rows)
+            return _Position((first + G,), pos.skipped), batch
         counts = np.array(pos.counts, np.int64)
         if not self.skip:  # every position is used: read only this rank's slice
             picks = self.mixture.picks(counts, G)

@@ -1,11 +1,11 @@
 """Read one tar shard into its samples' token rows, and say which samples are intact.
 
-A shard is read in one sequential read through ``webdataset.gopen`` (a local path, a URL or a
-``pipe:`` command). The shards ``prepare`` writes have one regular layout: each sample is a ustar
-member (512-byte header, payload padded to 512 bytes) of the same size, type and name pattern.
-That layout is checked and sliced with numpy at memory speed; a shard that
-does not match it in any way (another writer, or damage) goes through Python's ``tarfile`` member
-by member, which finds exactly which samples are intact and what is wrong.
+A shard is read sequentially: a local file in pieces into a small reusable buffer, a URL or a
+``pipe:`` command whole through ``webdataset.gopen``. The shards ``prepare`` writes have one regular
+layout: each sample is a ustar member (512-byte header, payload padded to 512 bytes) of the same
+size, type and name pattern. That layout is checked and sliced with numpy at memory speed; a shard
+that does not match it in any way (another writer, or damage) goes through Python's ``tarfile``
+member by member, which finds exactly which samples are intact and what is wrong.
 
 A damaged shard is described, never silently used: ``read_shard`` names the first problem and
 marks the samples that can still be trusted. A read or tar error keeps the samples before
@@ -33,17 +33,34 @@ def _reason(exn: BaseException) -> str:
     return str(getattr(exn, "strerror", None) or (exn.args[0] if exn.args else type(exn).__name__))
 
 
-def read_shard(url: str, out: np.ndarray, sha256: str | None = None) -> tuple[np.ndarray, str | None]:
+_PIECE = 512 << 10  # bytes per read of a local shard: the piece and the rows it fills stay in a core's L2
+
+
+def read_shard(
+    url: str, out: np.ndarray, sha256: str | None = None, buffer: bytearray | None = None
+) -> tuple[np.ndarray, str | None]:
     """Fill ``out`` (uint8 [samples the manifest lists, sample bytes]) with the shard's payloads.
 
     Returns (valid [samples] bool, the first problem or None). Rows that are not valid are zeros.
-    With ``sha256`` the shard's bytes are hashed too (in memory, no second read).
+    With ``sha256`` the shard's bytes are hashed too (as they are read: no second read).
+
+    A local file in prepare's layout is read in pieces of about ``_PIECE`` bytes into ``buffer``
+    (scratch, reused by a caller that reads shard after shard), each piece checked, hashed and
+    copied while it is still in the CPU cache. A local file that turns out not to be in that layout
+    is read again, whole, for the exact path, and everything reported is about that second read.
     """
     samples = len(out)
     try:
-        stream = wds.gopen(url, "rb")
-        data = stream.read()
-        stream.close()  # a pipe: command's exit status is checked here
+        if "://" in url or url.startswith("pipe:"):
+            stream = wds.gopen(url, "rb")
+            data = stream.read()
+            stream.close()  # a pipe: command's exit status is checked here
+        else:
+            result = _stream_regular(url, out, sha256, bytearray() if buffer is None else buffer)
+            if result is not None:
+                return result
+            with open(url, "rb") as f:
+                data = f.read()
     except Exception as exn:
         out[:] = 0
         return np.zeros(samples, bool), f"cannot read it ({_reason(exn)})"
@@ -54,9 +71,79 @@ def read_shard(url: str, out: np.ndarray, sha256: str | None = None) -> tuple[np
     else:
         valid, problem = _read_members(data, out)
     if problem is None and sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
-        out[:] = 0
-        return np.zeros(samples, bool), "sha256 differs from the manifest"
+        return _untrusted(out, "sha256 differs from the manifest")
     return valid, problem
+
+
+def _untrusted(out: np.ndarray, problem: str) -> tuple[np.ndarray, str]:
+    out[:] = 0
+    return np.zeros(len(out), bool), problem
+
+
+def _stream_regular(
+    path: str, out: np.ndarray, sha256: str | None, buffer: bytearray
+) -> tuple[np.ndarray, str | None] | None:
+    """``read_shard`` of a local file, piece by piece; None as soon as it is not prepare's layout.
+
+    The same checks as ``_slice_regular``, on each piece's headers against the first one.
+    """
+    samples, sample_bytes = out.shape
+    stride = _stride(sample_bytes)
+    size = max(1, _PIECE // stride) * stride  # whole samples per read
+    if samples == 0:
+        return None
+    if len(buffer) < size:
+        buffer.extend(bytes(size - len(buffer)))
+    view = memoryview(buffer)[:size]
+    rows = np.frombuffer(buffer, np.uint8, size).reshape(-1, stride)
+    digest = hashlib.sha256() if sha256 is not None else None
+    first: np.ndarray | None = None
+    key_len: int | None = None
+    done, zeros_due = 0, 2 * _BLOCK  # zeros_due: end-of-archive bytes still to see after the last sample
+    with open(path, "rb", buffering=0) as f:
+        while got := _fill(f, view):
+            if digest is not None:
+                digest.update(view[:got])
+            n = min(got // stride, samples - done)  # samples in this piece
+            if done + n < samples and n * stride < got:
+                return None  # the file ends inside a sample
+            if n:
+                heads = rows[:n, :_BLOCK]
+                if first is None:
+                    first = heads[0].copy()  # a copy: the buffer is overwritten by the next read
+                    key_len = _key_length(first.tobytes(), sample_bytes)
+                if key_len is None or not _headers_agree(heads, first, key_len):
+                    return None
+                out[done : done + n] = rows[:n, _BLOCK : _BLOCK + sample_bytes]
+                done += n
+            if done == samples:  # the rest of the piece follows the last sample
+                tail = np.frombuffer(view[n * stride : got][:zeros_due], np.uint8)
+                if tail.any():
+                    return None  # not followed by the end-of-archive blocks
+                zeros_due -= len(tail)
+    if done < samples or zeros_due:
+        return None  # the file ends early
+    if digest is not None and digest.hexdigest() != sha256:
+        return _untrusted(out, "sha256 differs from the manifest")
+    return np.ones(samples, bool), None
+
+
+def _fill(f: io.RawIOBase, view: memoryview) -> int:
+    """Read into ``view`` until it is full or the file ends; the bytes read."""
+    got = 0
+    while got < len(view) and (n := f.readinto(view[got:])):
+        got += n
+    return got
+
+
+def _stride(sample_bytes: int) -> int:
+    """Bytes per sample in prepare's layout: a header block, then the payload padded to blocks."""
+    return _BLOCK + -(-sample_bytes // _BLOCK) * _BLOCK
+
+
+def _headers_agree(heads: np.ndarray, first: np.ndarray, key_len: int) -> bool:
+    """Whether ``heads`` [n, 512] agree with ``first`` on the name after the key, size and type."""
+    return all((heads[:, lo:hi] == first[lo:hi]).all() for lo, hi in ((key_len, 100), (124, 136), (156, 157)))
 
 
 def _slice_regular(data: bytes, samples: int, sample_bytes: int) -> np.ndarray | None:
@@ -66,7 +153,7 @@ def _slice_regular(data: bytes, samples: int, sample_bytes: int) -> np.ndarray |
     with it on the fields that fix the layout: size, type, and the name up to the key's digits.
     Other header bytes do not change which bytes are payload, so they are not compared.
     """
-    stride = _BLOCK + -(-sample_bytes // _BLOCK) * _BLOCK
+    stride = _stride(sample_bytes)
     end = samples * stride
     if samples == 0 or len(data) < end + 2 * _BLOCK:
         return None
@@ -75,9 +162,8 @@ def _slice_regular(data: bytes, samples: int, sample_bytes: int) -> np.ndarray |
     key_len = _key_length(bytes(heads[0]), sample_bytes)
     if key_len is None or buf[end : end + 2 * _BLOCK].any():
         return None  # another layout, or not followed by the end-of-archive blocks
-    for lo, hi in ((key_len, 100), (124, 136), (156, 157)):  # name after the key, size, type
-        if not (heads[:, lo:hi] == heads[0, lo:hi]).all():
-            return None
+    if not _headers_agree(heads, heads[0], key_len):
+        return None
     return buf[:end].reshape(samples, stride)[:, _BLOCK : _BLOCK + sample_bytes]  # a view: no copy yet
 
 
