@@ -75,9 +75,6 @@ def _zero_section(engine: EngineConfig) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if engine.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if engine.zero_stage == 3:
-        # Gather the full weights into one file at save time so export needs no conversion.
-        zero["stage3_gather_16bit_weights_on_model_save"] = True
     return zero
 
 
