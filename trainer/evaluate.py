@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from trainer.config import ConfigError
+from trainer.data.batch import to_device
 from trainer.data.tokenizer import Tokenizer
 from trainer.distributed import all_reduce_mean
 
@@ -59,10 +60,10 @@ def evaluate(
 ) -> EvalResult:
     """Evaluate ``model`` (a DeepSpeed engine or a GPT: ``model(x, y) -> (logits, loss)``).
 
-    ``batches`` yields this rank's slice of each global batch (``input_ids`` and ``labels``
-    [G/W, T]); the first ``max_batches`` are used (0: all). ``byte_lengths`` [vocab] gives the
-    UTF-8 bytes of each id (see :func:`token_byte_lengths`); without it ``bytes`` is 0. Every
-    rank must call this (the totals are all-reduced). The model's train/eval mode is restored.
+    ``batches`` yields this rank's slice of each global batch (``tokens`` [G/W, T + 1], as the
+    loader gives them); the first ``max_batches`` are used (0: all). ``byte_lengths`` [vocab]
+    gives the UTF-8 bytes of each id (see :func:`token_byte_lengths`); without it ``bytes`` is 0.
+    Every rank must call this (the totals are all-reduced). The model's train/eval mode is restored.
     """
     was_training = model.training
     model.eval()
@@ -70,16 +71,17 @@ def evaluate(
     tokens = nbytes = n = 0
     try:
         for n, batch in enumerate(batches, start=1):
-            x, y = batch["input_ids"], batch["labels"]  # [G/W, T] on the host
-            for i in range(0, x.shape[0], micro_batch_size):
-                xm, ym = x[i : i + micro_batch_size], y[i : i + micro_batch_size]
+            rows = batch["tokens"]  # [G/W, T + 1] on the host
+            for i in range(0, rows.shape[0], micro_batch_size):
+                rm = rows[i : i + micro_batch_size]
                 # the same transfers and forward as the trainer's step: the same numbers
-                _, loss = model(xm.to(device, non_blocking=True), ym.to(device, non_blocking=True))
+                _, loss = model(*to_device(rm, device))
                 losses.append(loss)
-                targets = ym[ym != -100]  # counted on the host: no device sync per micro-batch
+                ym = rm[:, 1:]  # the labels, counted on the host: no device sync per micro-batch
+                targets = ym[ym != -100]
                 tokens += targets.numel()
                 if byte_lengths is not None:
-                    nbytes += int(byte_lengths[targets].sum())
+                    nbytes += int(byte_lengths[targets.long()].sum())
             if n == max_batches:
                 break
     finally:

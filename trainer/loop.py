@@ -12,6 +12,7 @@ import torch
 
 from trainer import checkpoint
 from trainer.config import ConfigError, ModelConfig, TrainConfig
+from trainer.data.batch import to_device
 from trainer.data.build import Data, build_data
 from trainer.distributed import DistInfo, barrier, gather_to_main
 from trainer.engine import GradClip, build_engine, clips_in_trainer, current_lr, deepspeed_config, grad_norm
@@ -274,6 +275,6 @@ def train_step(
 
 
 def _micro_batches(batch: dict[str, torch.Tensor], micro: int, device: torch.device) -> Iterator[tuple]:
-    x, y = batch["input_ids"], batch["labels"]  # [G/W, T] each
-    for i in range(0, x.shape[0], micro):
-        yield x[i : i + micro].to(device, non_blocking=True), y[i : i + micro].to(device, non_blocking=True)
+    tokens = batch["tokens"]  # [G/W, T + 1] int32: widened to int64 inputs and labels on the device
+    for i in range(0, tokens.shape[0], micro):
+        yield to_device(tokens[i : i + micro], device)

@@ -17,6 +17,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from trainer.config import register_configs
+from trainer.data import to_device
 from trainer.distributed import init_distributed
 from trainer.loop import build_run, fit
 from trainer.metrics import MetricsSink
@@ -44,12 +45,12 @@ def main() -> None:
     fit(run, MetricsSink(Path(cfg.run_dir) if dist.is_main else None))
 
     batch = next(iter(run.data.val))  # this rank's slice; every rank scores rank 0's slice below
-    x, y = batch["input_ids"], batch["labels"]
-    torch.distributed.broadcast(x, src=0)
-    torch.distributed.broadcast(y, src=0)
+    tokens = batch["tokens"]  # [G/W, T + 1], contiguous: one broadcast, then inputs and labels
+    torch.distributed.broadcast(tokens, src=0)
+    x, y = to_device(tokens[: cfg.micro_batch_size], dist.device)
     run.engine.eval()
     with torch.no_grad():
-        _, loss = run.engine(x[: cfg.micro_batch_size], y[: cfg.micro_batch_size])
+        _, loss = run.engine(x, y)
     result = {"fingerprint": weights_fingerprint(run.engine), "loss": loss.item(), "step": run.state.step}
     (out_dir / f"rank{dist.rank}.json").write_text(json.dumps(result))
 

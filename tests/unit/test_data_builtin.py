@@ -46,7 +46,7 @@ def test_prepare_builtin_is_idempotent(tmp_path):
     assert len(first["splits"]["train"]["shards"]) >= 8  # enough shards for window shuffling
     assert first["splits"]["val"]["samples"] >= 64  # eval_batches=4 of global batch 16
     batch = next(iter(ShardLoader(out, "train", 16, seed=0, shuffle_window=4)))
-    assert batch["input_ids"].shape == (16, 128)
+    assert batch["tokens"].shape == (16, 129)
 
 
 def test_prepare_builtin_rebuilds_for_another_seq_len(tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from trainer.data import DataError
+from trainer.data import DataError, to_device
 from trainer.data.loader import ShardLoader, load_manifest
 from trainer.data.prepare import prepare_dataset
 
@@ -79,11 +79,14 @@ def stored_tokens(path: Path, split: str) -> np.ndarray:
 def test_batch_contents_match_the_shards(dataset):
     tokens = stored_tokens(dataset, "train")
     for batch in take(iter(loader(dataset, world=2, rank=1)), 30):
-        ids = batch["sample_ids"]
-        assert batch["input_ids"].shape == batch["labels"].shape == (G // 2, SEQ)
-        assert batch["input_ids"].dtype == batch["labels"].dtype == ids.dtype == torch.long
-        assert torch.equal(batch["input_ids"], torch.from_numpy(tokens[ids.numpy(), :-1]))
-        assert torch.equal(batch["labels"], torch.from_numpy(tokens[ids.numpy(), 1:]))
+        ids, rows = batch["sample_ids"], batch["tokens"]
+        assert rows.shape == (G // 2, SEQ + 1) and rows.is_contiguous()
+        assert rows.dtype == torch.int32 and ids.dtype == torch.long
+        assert torch.equal(rows.long(), torch.from_numpy(tokens[ids.numpy()]))
+        x, y = to_device(rows, torch.device("cpu"))  # what the model gets: int64 inputs and labels
+        assert x.dtype == y.dtype == torch.long and x.is_contiguous() and y.is_contiguous()
+        assert torch.equal(x, torch.from_numpy(tokens[ids.numpy(), :-1]))
+        assert torch.equal(y, torch.from_numpy(tokens[ids.numpy(), 1:]))
 
 
 def test_every_sample_once_per_epoch_and_epochs_differ(dataset):

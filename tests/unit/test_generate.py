@@ -184,16 +184,15 @@ def test_byte_lengths_count_the_utf8_bytes_of_the_text():
 def test_evaluate_is_the_mean_of_micro_batch_losses():
     m = model()
     g = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(0, 60, (4, 16), generator=g)} for _ in range(3)]
-    for b in batches:
-        b["labels"] = b["input_ids"].roll(-1, dims=1)
+    batches = [{"tokens": torch.randint(0, 60, (4, 17), generator=g, dtype=torch.int32)} for _ in range(3)]
     lengths = torch.ones(VOCAB, dtype=torch.int64)
     lengths[0] = 0  # say id 0 is end-of-text
     result = evaluate(m, batches, 2, 2, torch.device("cpu"), lengths)
-    expected = [m(b["input_ids"][i : i + 2], b["labels"][i : i + 2])[1] for b in batches[:2] for i in (0, 2)]
+    micro = [b["tokens"][i : i + 2].long() for b in batches[:2] for i in (0, 2)]
+    expected = [m(t[:, :-1], t[:, 1:])[1] for t in micro]
     assert result.loss == torch.stack(expected).mean().item()
     assert (result.tokens, result.batches) == (2 * 4 * 16, 2)
-    labels = torch.cat([b["labels"] for b in batches[:2]])
+    labels = torch.cat([b["tokens"][:, 1:] for b in batches[:2]])
     assert result.bytes == int((labels != 0).sum())
     assert result.bits_per_byte == pytest.approx(
         result.loss * result.tokens / (0.6931471805599453 * result.bytes)

@@ -13,18 +13,26 @@ the default training step consumes (measured here with the default model on thes
 samples/s at seq 128, is printed too, labelled as such, and the faster of the two is used).
 
 Batch sizes: 16 is the default config's global batch; 256-4096 are usual GPT global batches
-(33k-524k tokens at seq 128). Which meet the 0.5x target: none, as measured on the project's
-shared 2-core machine (other jobs running, load ~2; ``--repeats 3 --no-train``, two runs): raw
-read 3,159 and 5,526 MB/s; loader, sha256 off, 306-333 MB/s at batch 16 (0.06-0.10x), 1,292-1,655
-at 256 (0.30-0.41x), 1,265-2,005 at 1024 (0.36-0.40x), 1,134-1,811 at 4096 (0.33-0.36x); sha256
-on 254-291 (0.05-0.08x), 644-989 (0.18-0.20x), 660-1,076 (0.19-0.21x), 622-1,103 MB/s (0.20x).
-The ceilings, measured alone (best of 15-25): reading a shard (read, header checks, copy into
-rows) ~250 ns/sample against 158 ns for the raw read itself, so the reading thread alone is at
-~0.6x; building the batches (gather, two int64 copies) took another 230-370 ns/sample of CPU (under
-that load), and a pass reads its first window before any batch. sha256 hashes 0.8-1.1 GB/s per core
-(two threads read a window at 1.9-2.0 GB/s), so sha256 on stays below ~0.35x of a 5,700 MB/s read.
-Batch 16 cannot reach 0.5x: a batch costs ~14 us to build and ~44 us through the prefetch thread,
-where 0.5x of 5,700 MB/s (2.8M samples/s) leaves 5.8 us per batch of 16.
+(33k-524k tokens at seq 128). Which meet the 0.5x target: batch 4096 with sha256 off, on the median
+of five runs (0.52x), and none reliably, as measured on the project's shared 2-core machine (another
+engineer's jobs running, load 2-3; ``--repeats 3 --no-train``, five runs alternating with the
+previous batch format of two int64 tensors, whose figures are in brackets): raw read 2,455-5,023
+MB/s [2,719-5,336]; loader, sha256 off, 202-388 MB/s at batch 16 (0.05-0.13x) [127-328, 0.05-0.09x],
+1,046-1,747 at 256 (0.26-0.54x, median 0.37x) [1,250-1,424, 0.26-0.47x], 1,328-2,148 at 1024
+(0.33-0.63x, median 0.46x) [1,369-1,938, 0.27-0.54x], 1,383-2,274 at 4096 (0.45-0.61x, median
+0.52x) [1,094-2,005, 0.21-0.70x]; sha256 on 212-330 (0.05-0.10x), 525-1,035 (0.13-0.29x), 663-1,196
+(0.16-0.32x), 711-1,332 MB/s (0.18-0.32x) [119-286, 615-1,031, 601-1,144, 539-1,084 MB/s]. Every
+run at or above 0.5x had a slow raw read (2.5-4.1 GB/s); against 4.7-5.0 GB/s the loader reached
+0.34-0.49x at 256-4096. The ceilings, measured alone: reading a shard (read, header checks, copy
+into rows) ~250 ns/sample against 158 ns for the raw read itself (best of 15-25), so the reading
+thread alone is at ~0.6x; building a batch (gather through the window's permutation, then one int32
+copy of the rows as stored) 44-93 ns/sample on one thread under that load (best of 7), where the two
+int64 copies it replaced took 104-1,160 (230-370 in the loader's thread); the int64 inputs and labels
+are now made in the step (``trainer.data.to_device``), and a pass reads its first window before any
+batch. sha256 hashes 0.8-1.1 GB/s per core (two threads read a window at 1.9-2.0 GB/s), so sha256 on
+stays below ~0.35x of a 5,700 MB/s read. Batch 16 cannot reach 0.5x: a batch cost ~14 us to build
+and ~44 us through the prefetch thread (measured with the previous format), where 0.5x of 5,700 MB/s
+(2.8M samples/s) leaves 5.8 us per batch of 16.
 """
 
 from __future__ import annotations

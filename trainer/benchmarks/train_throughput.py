@@ -21,6 +21,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from trainer.config import TrainConfig, register_configs
+from trainer.data.batch import to_device
 from trainer.data.build import build_data
 from trainer.distributed import DistInfo, barrier, init_distributed
 from trainer.engine import build_engine, deepspeed_config, lr_factor
@@ -53,13 +54,14 @@ def plain_loop(cfg: TrainConfig, model: torch.nn.Module, batches: list[dict], wa
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
     micro = cfg.micro_batch_size
+    device = next(model.parameters()).device
     for i, batch in enumerate(batches):
         if i == warmup:
             start = time.perf_counter()
-        x, y = batch["input_ids"], batch["labels"]
-        accum = x.shape[0] // micro
-        for j in range(0, x.shape[0], micro):
-            _, loss = model(x[j : j + micro], y[j : j + micro])
+        tokens = batch["tokens"]  # [G/W, T + 1]: as the trainer's step, widened per micro-batch
+        accum = tokens.shape[0] // micro
+        for j in range(0, tokens.shape[0], micro):
+            _, loss = model(*to_device(tokens[j : j + micro], device))
             (loss / accum).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         opt.step()

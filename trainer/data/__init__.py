@@ -3,8 +3,9 @@
 Modules: ``corpus`` (the built-in training corpus), ``tokenizer`` (byte / char / bpe), ``readers``
 (input files -> documents), ``prepare`` (writes shards and ``manifest.json``), ``shards`` (reads one
 shard, finds damage), ``mixture`` (weighted interleaving of several datasets), ``loader`` (the
-deterministic, resumable ``ShardLoader``), ``prefetch`` (its background thread) and ``build`` (the
-loaders from the config's data section).
+deterministic, resumable ``ShardLoader``), ``prefetch`` (its background thread), ``batch`` (a batch's
+``tokens`` -> the model's inputs and labels on the device) and ``build`` (the loaders from the
+config's data section).
 The names below are importable from ``trainer.data`` directly; the loader (which needs torch) is
 imported on first use so that preparing data does not pay for importing torch.
 """
@@ -29,6 +30,7 @@ _LAZY = {
     "load_manifest": "loader",
     "ShardLoader": "loader",
     "Mixture": "mixture",
+    "to_device": "batch",
 }
 
 __all__ = ["DataError", *_LAZY]

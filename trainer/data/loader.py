@@ -69,6 +69,8 @@ def _manifest_problem(m: Any) -> str | None:
         return "seq_len or dtype missing or invalid"
     if not isinstance(m.get("tokenizer"), dict) or not isinstance(m["tokenizer"].get("vocab_size"), int):
         return "tokenizer section missing"
+    if m["tokenizer"]["vocab_size"] > 1 << 31:  # batches carry the ids as int32
+        return f"vocab_size {m['tokenizer']['vocab_size']} exceeds 2^31: batches hold ids as int32"
     for split in SPLITS:
         shards = m.get("splits", {}).get(split, {}).get("shards")
         if not isinstance(shards, list):
@@ -305,8 +307,9 @@ def _check_compatible(sources: list[Source]) -> None:
 
 
 class ShardLoader:
-    """Iterates this rank's slice of each global batch: dicts of ``input_ids`` and ``labels``
-    (LongTensor [G/W, seq_len]), ``sample_ids`` (LongTensor [G/W], stable global ids: the sample's
+    """Iterates this rank's slice of each global batch: dicts of ``tokens`` (IntTensor
+    [G/W, seq_len + 1], the samples as stored, int32: pass them to ``trainer.data.to_device`` for the
+    model's inputs and labels), ``sample_ids`` (LongTensor [G/W], stable global ids: the sample's
     index over its split's shards in manifest order, plus the sizes of the sources listed before
     its own) and ``source`` (LongTensor [G/W], the index of the sample's source).
 
@@ -540,10 +543,13 @@ class ShardLoader:
 
     @staticmethod
     def _to_batch(src: np.ndarray, ids: np.ndarray, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        # rows [G/W, seq_len + 1]; astype of each view writes a contiguous int64 copy in one pass
+        # rows [G/W, seq_len + 1] as stored (uint16/uint32), already gathered (or a view of the window,
+        # unshuffled): astype writes one contiguous int32 copy. numpy's take cannot cast into an int32
+        # ``out``, and gathering the 2-byte rows first then widening them is the cheaper order. int32,
+        # not torch.uint16, whose CUDA op support is thin; the int64 inputs and labels are made on the
+        # device by trainer.data.to_device.
         return {
-            "input_ids": torch.from_numpy(rows[:, :-1].astype(np.int64)),
-            "labels": torch.from_numpy(rows[:, 1:].astype(np.int64)),
+            "tokens": torch.from_numpy(rows.astype(np.int32)),
             "sample_ids": torch.from_numpy(ids.astype(np.int64)),
             "source": torch.from_numpy(src.astype(np.int64)),
         }
