@@ -24,7 +24,7 @@ from trainer.config import TrainConfig, register_configs
 from trainer.data.batch import to_device
 from trainer.data.build import build_data
 from trainer.distributed import DistInfo, barrier, init_distributed
-from trainer.engine import build_engine, deepspeed_config, lr_factor
+from trainer.engine import GradClip, build_engine, clips_in_trainer, deepspeed_config, lr_factor
 from trainer.guard import StepControl
 from trainer.loop import resolve_vocab, train_step
 from trainer.model import GPT, num_params, optimizer_groups
@@ -86,11 +86,13 @@ def trainer_loop(
     engine = build_engine(model, ds_cfg, cfg.optim, len(batches))
     engine.train()
     control = StepControl(cfg.guard, dist, StopSignal(), save_every_s=0)  # the per-step checks, as in fit
+    clip = GradClip(cfg.optim.grad_clip) if clips_in_trainer(cfg.engine) else None  # ZeRO-0 fp32, as in fit
+    before_optimizer = functools.partial(clip, engine) if clip is not None else None
     for i, batch in enumerate(batches):
         if i == warmup:
             start = time.perf_counter()
         control.step = i + 1
-        loss = train_step(engine, batch, cfg.micro_batch_size, dist.device, control)
+        loss = train_step(engine, batch, cfg.micro_batch_size, dist.device, control, before_optimizer)
     loss.item()  # wait for the last step on an accelerator
     return (len(batches) - warmup) * cfg.tokens_per_step() / (time.perf_counter() - start)
 
