@@ -124,12 +124,26 @@ class RMSNorm(nn.RMSNorm):
     (forward and backward), but it adds two copies and more dispatch: a few percent of a decoded
     token for the tiny model (9 norms per token). Other devices keep torch's fused kernel, and
     half types its fp32 math.
+
+    Without autograd (generation, evaluation) the same ops run in place on temporaries, with the
+    mean's divisor and eps as 0-dim tensors: an op given a Python number wraps it into a tensor on
+    every call (~2 us; mean does it for its divisor), which is most of a norm's cost at one token.
+    The results are the same bit for bit (sum / D is how mean computes).
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # explicit device: a model built on the meta device still normalizes on CPU after to_empty
+        self._dim = torch.tensor(float(self.normalized_shape[-1]), device="cpu")
+        self._eps = torch.tensor(self.eps, device="cpu")
 
     def forward(self, x: Tensor) -> Tensor:
         if not (x.is_cpu and x.dtype == torch.float32):
             return super().forward(x)
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        if torch.is_grad_enabled():
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        ms = x.pow(2).sum(-1, keepdim=True).div_(self._dim)
+        return (x * ms.add_(self._eps).rsqrt_()).mul_(self.weight)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
