@@ -177,13 +177,18 @@ class CausalSelfAttention(nn.Module):
     ) -> Tensor:
         B, T, D = x.shape
         H, K, Q = self.n_head, self.n_kv_head, self.head_dim
+        # sdpa attends over the second-to-last dim: [B, heads, T, Q]. At T = 1 (every decoded
+        # token) that is the memory of [B, T, heads, Q] as is: a view, not 3 transposes per layer.
         # split_with_sizes, not split: split's Python wrapper costs more than the split itself
-        qk, v = self.qkv(x).view(B, T, H + 2 * K, Q).split_with_sizes([H + K, K], dim=2)
-        if cos is not None:  # cos/sin hold the angles of the new tokens' positions only
+        if T == 1:
+            qk, v = self.qkv(x).view(B, H + 2 * K, 1, Q).split_with_sizes([H + K, K], dim=1)
+        else:
+            qk, v = self.qkv(x).view(B, T, H + 2 * K, Q).split_with_sizes([H + K, K], dim=2)
+        if cos is not None:  # the angles of the new tokens [T, 1, Q] ([B, T, 1, Q]), either layout
             qk = apply_rope(qk, cos, sin)  # q and k together: half the ops of rotating each
-        # [B, T, heads, Q] -> [B, heads, T, Q]: sdpa attends over the second-to-last dim
-        q, k = qk.transpose(1, 2).split_with_sizes([H, K], dim=1)
-        v = v.transpose(1, 2)
+        if T > 1:
+            qk, v = qk.transpose(1, 2), v.transpose(1, 2)
+        q, k = qk.split_with_sizes([H, K], dim=1)
         if cache is not None:  # generation: attend over every cached position [B, K, S, Q]
             k, v = cache.update(layer, k, v)
         if self.n_kv_head != self.n_head:
@@ -195,7 +200,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:  # queries are the last T of S positions: is_causal would align them to the first T
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)
-        y = y.transpose(1, 2).reshape(B, T, D)  # [B, H, T, Q] -> [B, T, D]
+        y = (y if T == 1 else y.transpose(1, 2)).reshape(B, T, D)  # [B, H, T, Q] -> [B, T, D]
         return dropout(self.out_proj(y), self.dropout, self.training)
 
 
