@@ -124,12 +124,26 @@ class RMSNorm(nn.RMSNorm):
     (forward and backward), but it adds two copies and more dispatch: a few percent of a decoded
     token for the tiny model (9 norms per token). Other devices keep torch's fused kernel, and
     half types its fp32 math.
+
+    Without autograd (generation, evaluation) the same ops run in place on temporaries, with the
+    mean's divisor and eps as 0-dim tensors: an op given a Python number wraps it into a tensor on
+    every call (~2 us; mean does it for its divisor), which is most of a norm's cost at one token.
+    The results are the same bit for bit (sum / D is how mean computes).
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # explicit device: a model built on the meta device still normalizes on CPU after to_empty
+        self._dim = torch.tensor(float(self.normalized_shape[-1]), device="cpu")
+        self._eps = torch.tensor(self.eps, device="cpu")
 
     def forward(self, x: Tensor) -> Tensor:
         if not (x.is_cpu and x.dtype == torch.float32):
             return super().forward(x)
-        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        if torch.is_grad_enabled():
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+        ms = x.pow(2).sum(-1, keepdim=True).div_(self._dim)
+        return (x * ms.add_(self._eps).rsqrt_()).mul_(self.weight)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
@@ -163,13 +177,18 @@ class CausalSelfAttention(nn.Module):
     ) -> Tensor:
         B, T, D = x.shape
         H, K, Q = self.n_head, self.n_kv_head, self.head_dim
+        # sdpa attends over the second-to-last dim: [B, heads, T, Q]. At T = 1 (every decoded
+        # token) that is the memory of [B, T, heads, Q] as is: a view, not 3 transposes per layer.
         # split_with_sizes, not split: split's Python wrapper costs more than the split itself
-        qk, v = self.qkv(x).view(B, T, H + 2 * K, Q).split_with_sizes([H + K, K], dim=2)
-        if cos is not None:  # cos/sin hold the angles of the new tokens' positions only
+        if T == 1:
+            qk, v = self.qkv(x).view(B, H + 2 * K, 1, Q).split_with_sizes([H + K, K], dim=1)
+        else:
+            qk, v = self.qkv(x).view(B, T, H + 2 * K, Q).split_with_sizes([H + K, K], dim=2)
+        if cos is not None:  # the angles of the new tokens [T, 1, Q] ([B, T, 1, Q]), either layout
             qk = apply_rope(qk, cos, sin)  # q and k together: half the ops of rotating each
-        # [B, T, heads, Q] -> [B, heads, T, Q]: sdpa attends over the second-to-last dim
-        q, k = qk.transpose(1, 2).split_with_sizes([H, K], dim=1)
-        v = v.transpose(1, 2)
+        if T > 1:
+            qk, v = qk.transpose(1, 2), v.transpose(1, 2)
+        q, k = qk.split_with_sizes([H, K], dim=1)
         if cache is not None:  # generation: attend over every cached position [B, K, S, Q]
             k, v = cache.update(layer, k, v)
         if self.n_kv_head != self.n_head:
@@ -181,7 +200,7 @@ class CausalSelfAttention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
         else:  # queries are the last T of S positions: is_causal would align them to the first T
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=cache.mask)
-        y = y.transpose(1, 2).reshape(B, T, D)  # [B, H, T, Q] -> [B, T, D]
+        y = (y if T == 1 else y.transpose(1, 2)).reshape(B, T, D)  # [B, H, T, Q] -> [B, T, D]
         return dropout(self.out_proj(y), self.dropout, self.training)
 
 
