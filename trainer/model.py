@@ -133,6 +133,8 @@ class RMSNorm(nn.RMSNorm):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        if self.eps is None:  # nn.RMSNorm's default: the dtype's epsilon (ours compute in fp32)
+            self.eps = torch.finfo(torch.float32).eps
         # explicit device: a model built on the meta device still normalizes on CPU after to_empty
         self._dim = torch.tensor(float(self.normalized_shape[-1]), device="cpu")
         self._eps = torch.tensor(self.eps, device="cpu")
