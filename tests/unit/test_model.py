@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 
 import trainer.model as model_mod
 from trainer.config import ModelConfig
-from trainer.model import GPT, flops_per_token, num_params, optimizer_groups, padded_vocab_size
+from trainer.model import GPT, RMSNorm, flops_per_token, num_params, optimizer_groups, padded_vocab_size
 
 PRESETS = Path(__file__).resolve().parents[2] / "configs" / "model"
 
@@ -348,3 +348,23 @@ def test_activation_checkpointing_lowers_peak_memory():
     assert none > 4 * 2**20  # the measurement sees the activations at all
     assert full < 0.6 * none
     assert full < selective <= none  # selective still keeps the matmul and attention outputs
+
+
+@pytest.mark.parametrize("dim, eps", [(128, 1e-5), (100, None)])
+def test_rmsnorm_is_torchs_bit_for_bit(dim, eps):
+    """The written-out CPU paths (autograd on, and the in-place one without it) must stay exactly
+    nn.RMSNorm: training and generation results depend on it."""
+    ours, ref = RMSNorm(dim, eps=eps), torch.nn.RMSNorm(dim, eps=eps)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ref.weight.copy_(ours.weight)
+    x = torch.randn(3, 7, dim) * 3
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ours(xa), ref(xb)
+    assert torch.equal(ya, yb)
+    grad = torch.randn_like(ya)
+    ya.backward(grad)
+    yb.backward(grad)
+    assert torch.equal(xa.grad, xb.grad) and torch.equal(ours.weight.grad, ref.weight.grad)
