@@ -131,7 +131,10 @@ class GradClip:
 
     def __call__(self, engine: Any) -> None:
         params = [p for p in engine.module.parameters() if p.grad is not None]
-        self.norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm or math.inf)
+        if self.max_norm > 0:
+            self.norm = torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+        else:  # measure only: leave the gradients as they are (an inf norm would scale them to NaN)
+            self.norm = torch.nn.utils.get_total_norm([p.grad for p in params])
 
 
 def grad_norm(engine: Any, clip: GradClip | None = None) -> float | None:

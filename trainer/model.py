@@ -133,17 +133,17 @@ class RMSNorm(nn.RMSNorm):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        if self.eps is None:  # nn.RMSNorm's default: the dtype's epsilon (ours compute in fp32)
-            self.eps = torch.finfo(torch.float32).eps
+        # the written-out paths run in fp32 only: eps=None means fp32's epsilon there, as in torch
+        self._fp32_eps = self.eps if self.eps is not None else torch.finfo(torch.float32).eps
         # explicit device: a model built on the meta device still normalizes on CPU after to_empty
         self._dim = torch.tensor(float(self.normalized_shape[-1]), device="cpu")
-        self._eps = torch.tensor(self.eps, device="cpu")
+        self._eps = torch.tensor(self._fp32_eps, device="cpu")
 
     def forward(self, x: Tensor) -> Tensor:
-        if not (x.is_cpu and x.dtype == torch.float32):
+        if not (x.is_cpu and x.dtype == torch.float32 and self.weight is not None):
             return super().forward(x)
         if torch.is_grad_enabled():
-            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+            return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self._fp32_eps) * self.weight
         ms = x.pow(2).sum(-1, keepdim=True).div_(self._dim)
         return (x * ms.add_(self._eps).rsqrt_()).mul_(self.weight)
 

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from trainer.config import EngineConfig, OptimConfig
-from trainer.engine import clips_in_trainer, deepspeed_config, lr_factor
+from trainer.engine import GradClip, clips_in_trainer, deepspeed_config, lr_factor
 
 
 def _ds(engine: EngineConfig, optim: OptimConfig | None = None, **kw) -> dict:
@@ -99,3 +100,19 @@ def test_schedule_holds_the_floor_past_the_end():
     assert lrs[0] == pytest.approx(1e-3), "no warmup: start at the peak"
     factor = lr_factor(500, warmup_steps=0, total_steps=80, min_ratio=0.2)
     assert factor == pytest.approx(0.2)
+
+
+def test_grad_clip_clips_or_only_measures():
+    engine = SimpleNamespace(module=torch.nn.Linear(3, 2))
+    for p in engine.module.parameters():
+        p.grad = torch.full_like(p, 2.0)
+    clip = GradClip(max_norm=1.0)
+    clip(engine)
+    assert float(clip.norm) == pytest.approx(2.0 * math.sqrt(8))  # the norm before clipping
+    assert float(
+        torch.nn.utils.get_total_norm([p.grad for p in engine.module.parameters()])
+    ) == pytest.approx(1.0)
+    engine.module.weight.grad[0, 0] = math.inf
+    measure = GradClip(max_norm=0.0)  # 0: no clipping, gradients untouched even at an inf norm
+    measure(engine)
+    assert math.isinf(float(measure.norm)) and not engine.module.bias.grad.isnan().any()

@@ -368,3 +368,11 @@ def test_rmsnorm_is_torchs_bit_for_bit(dim, eps):
     ya.backward(grad)
     yb.backward(grad)
     assert torch.equal(xa.grad, xb.grad) and torch.equal(ours.weight.grad, ref.weight.grad)
+
+
+def test_rmsnorm_edge_cases_match_torch():
+    x = torch.randn(2, 16, dtype=torch.float64) * 1e-3
+    assert torch.equal(RMSNorm(16).double()(x), torch.nn.RMSNorm(16).double()(x))  # eps=None: fp64 epsilon
+    x = torch.randn(2, 16)
+    plain = RMSNorm(16, eps=1e-5, elementwise_affine=False)
+    assert torch.equal(plain(x), torch.nn.RMSNorm(16, eps=1e-5, elementwise_affine=False)(x))
