@@ -103,7 +103,10 @@ def test_throughput_benchmark_runs(tmp_path, cli_env):
             "--repeats", "1", "--no-train"]  # fmt: skip
     proc = run_module("trainer.benchmarks.data_throughput", args, tmp_path, cli_env)
     assert_ok(proc)
-    for needle in ("raw sequential read", "loader, batch 4", "loader, batch 8", "x raw", "loader / training"):
-        assert needle in proc.stdout, proc.stdout
+    for where in ("page-cache", "disk"):
+        assert f"raw sequential read, {where}" in proc.stdout, proc.stdout
+        for g in (4, 8):
+            assert f"loader, {where:<10} batch {g} " in proc.stdout, proc.stdout
+    assert "x raw" in proc.stdout and "loader / training" in proc.stdout
     again = run_module("trainer.benchmarks.data_throughput", args, tmp_path, cli_env)  # reuses the dataset
     assert_ok(again)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from trainer.data import DataError, to_device
+from trainer.data import loader as loader_module
 from trainer.data.loader import ShardLoader, load_manifest
 from trainer.data.prepare import prepare_dataset
 
@@ -166,6 +167,53 @@ def test_state_counts_batches_handed_out_not_prefetched(dataset):
 
 def test_prefetch_and_sync_loaders_agree(dataset):
     assert global_batches(dataset, 2, 30, prefetch=0) == global_batches(dataset, 2, 30, prefetch=3)
+
+
+def batch_contents(path: Path, world: int, n: int, **kw) -> list[list[tuple]]:
+    """(sample id, tokens) of n global batches from every rank's slices, as handed out."""
+    per_rank = []
+    for rank in range(world):
+        batches = take(iter(loader(path, rank=rank, world=world, **kw)), n)
+        per_rank.append([list(zip(b["sample_ids"].tolist(), b["tokens"].tolist())) for b in batches])
+    return [sum((per_rank[r][k] for r in range(world)), []) for k in range(n)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_chunks_hand_out_the_batches_built_one_by_one(dataset, monkeypatch, world):
+    """Batches cross from the prefetch thread in chunks built at once; they are exactly the
+    batches built one at a time, on every world size, for train (across windows and epochs) and val."""
+    chunked = batch_contents(dataset, world, 60)
+    val_chunked = batch_contents(dataset, world, 2, split="val")
+    monkeypatch.setattr(loader_module, "_CHUNK_BATCHES", 1)
+    assert chunked == batch_contents(dataset, world, 60)
+    assert val_chunked == batch_contents(dataset, world, 2, split="val")
+    n = load_manifest(dataset)["splits"]["train"]["samples"]
+    assert len({i for batch in chunked for i, _ in batch}) == n  # 60 batches cross an epoch: all seen
+
+
+def test_a_chunk_stops_at_a_bad_shard_after_handing_out_the_batches_before_it(dataset, tmp_path):
+    """Two sources, the first one's second window truncated: every batch before the first one that
+    needs that window is handed out (they share a chunk with it), then the error names the shard."""
+    other = tmp_path / "intact"
+    shutil.copytree(dataset, other)
+    copy, name = tmp_path / "ds", load_manifest(dataset)["splits"]["train"]["shards"][5]["path"]
+    shutil.copytree(dataset, copy)
+    (copy / name).write_bytes((copy / name).read_bytes()[:3000])
+    window = int(loader(dataset, shuffle=False).sources[0].epoch_plan(0).starts[1])  # window 1's first sample
+
+    def mixture(path: Path) -> ShardLoader:
+        return ShardLoader([(path, 0.6), (other, 0.4)], "train", G, seed=0, shuffle=False, prefetch=2)
+
+    def pairs(batch: dict) -> list[tuple]:
+        return list(zip(batch["source"].tolist(), batch["sample_ids"].tolist()))
+
+    reference = [pairs(b) for b in take(iter(mixture(dataset)), 30)]
+    needs = next(k for k, batch in enumerate(reference) if any(s == 0 and i >= window for s, i in batch))
+    got = []
+    with pytest.raises(DataError, match=f"shard .*{name}"):
+        for batch in mixture(copy):
+            got.append(pairs(batch))
+    assert 0 < needs < loader_module._CHUNK_BATCHES and got == reference[:needs]
 
 
 def test_resume_skips_whole_windows_without_reading_them(dataset, tmp_path):

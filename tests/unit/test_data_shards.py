@@ -12,7 +12,7 @@ import pytest
 from trainer.data import shards
 from trainer.data.loader import load_manifest
 from trainer.data.prepare import prepare_dataset
-from trainer.data.shards import _read_members, _slice_regular, read_shard
+from trainer.data.shards import ReadBuffer, _read_members, _slice_regular, read_shard
 
 SEQ = 8
 SAMPLE_BYTES = (SEQ + 1) * 2
@@ -136,7 +136,15 @@ def test_local_reads_in_pieces_agree_with_whole_reads(shard, tmp_path, monkeypat
         (tmp_path / "v.tar").write_bytes(content)
         for digest in (None, sha):
             local, whole = np.full((n, SAMPLE_BYTES), 7, np.uint8), np.full((n, SAMPLE_BYTES), 9, np.uint8)
-            got = read_shard(str(tmp_path / "v.tar"), local, digest, bytearray())
+            got = read_shard(str(tmp_path / "v.tar"), local, digest, ReadBuffer())
             want = read_shard(f"pipe:cat {tmp_path / 'v.tar'}", whole, digest)
             assert got[1] == want[1] and np.array_equal(got[0], want[0]), (name, digest)
             assert np.array_equal(local, whole), (name, digest)
+
+
+def test_read_buffer_is_page_aligned():
+    """Reads into a misaligned buffer ran at a quarter of the speed on the project's machines."""
+    buffer = ReadBuffer()
+    for size in (1000, 600_000, 5000):
+        view = np.frombuffer(buffer.view(size), np.uint8)
+        assert len(view) == size and view.ctypes.data % 4096 == 0

@@ -38,8 +38,10 @@ and ~44 us through the prefetch thread (measured with the previous format), wher
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import statistics
+import threading
 import time
 from pathlib import Path
 
@@ -70,14 +72,25 @@ def ensure_dataset(directory: Path, docs: int, seq_len: int) -> dict:
 
 
 def raw_read(files: list[Path]) -> float:
-    """Seconds to read every file sequentially in 1 MB reads."""
+    """Seconds to read every file sequentially in 1 MB reads, into a page-aligned buffer (the
+    fastest read: a malloc'd buffer that happens to be misaligned reads several times slower)."""
     start = time.perf_counter()
-    buf = bytearray(1 << 20)
+    buf = mmap.mmap(-1, 1 << 20)
     for path in files:
         with open(path, "rb", buffering=0) as f:
             while f.readinto(buf):
                 pass
     return time.perf_counter() - start
+
+
+def evict(files: list[Path]) -> None:
+    """Drop the files' pages from the page cache (no root needed), so the next read comes from storage."""
+    for path in files:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
 
 
 def loader_pass(directory: Path, batch_size: int, epochs: int, verify: bool) -> tuple[float, int]:
@@ -90,6 +103,9 @@ def loader_pass(directory: Path, batch_size: int, epochs: int, verify: bool) -> 
         next(it)
     elapsed = time.perf_counter() - start
     it.close()
+    for thread in threading.enumerate():  # a read-ahead still running would warm the next measurement
+        if thread.name.startswith("ShardLoader"):
+            thread.join(timeout=10)
     return elapsed, batches * batch_size
 
 
@@ -110,18 +126,32 @@ def training_samples_per_s(directory: Path, steps: int) -> float:
     return plain_loop(cfg, model, batches, warmup=3) / cfg.data.seq_len
 
 
-def measure(args: argparse.Namespace, files: list[Path]) -> tuple[list[float], dict[tuple, list[float]]]:
-    """Raw read seconds and loader samples/s per (batch size, sha256 on) over the timed rounds."""
+def measure(args: argparse.Namespace, files: list[Path]) -> tuple[dict[str, list], dict[tuple, list]]:
+    """Raw read seconds per storage, loader samples/s per (storage, batch size, sha256 on), over the
+    timed rounds. From storage ("disk"), every read and every loader pass starts with the shards
+    evicted from the page cache, and a loader pass is one epoch (a second would come from the cache).
+    """
     checks = {"off": [False], "on": [True], "both": [False, True]}[args.sha256]
-    cases = [(g, verify) for g in args.batch_sizes for verify in checks]
-    raw, rates = [], {case: [] for case in cases}
-    for round_ in range(args.repeats + 1):  # round 0 warms the page cache and the allocator; discarded
-        raw_s = raw_read(files)
-        timed = {case: loader_pass(args.dir, case[0], args.epochs, case[1]) for case in cases}
-        if round_:
-            raw.append(raw_s)
-            for case, (seconds, n) in timed.items():
-                rates[case].append(n / seconds)
+    storages = {"page-cache": ["page-cache"], "disk": ["disk"], "both": ["page-cache", "disk"]}[args.storage]
+    cases = [(where, g, verify) for where in storages for g in args.batch_sizes for verify in checks]
+    raw: dict[str, list[float]] = {where: [] for where in storages}
+    rates: dict[tuple, list[float]] = {case: [] for case in cases}
+    os.sync()
+    for round_ in range(args.repeats + 1):  # round 0 warms up the allocator and the code; discarded
+        for where in storages:
+            if where == "disk":
+                evict(files)
+            seconds = raw_read(files)
+            if round_:
+                raw[where].append(seconds)
+        for where, g, verify in cases:
+            if where == "disk":
+                evict(files)
+            else:
+                raw_read(files)  # the whole dataset in the page cache
+            seconds, n = loader_pass(args.dir, g, 1 if where == "disk" else args.epochs, verify)
+            if round_:
+                rates[where, g, verify].append(n / seconds)
     return raw, rates
 
 
@@ -141,6 +171,12 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--epochs", type=int, default=2, help="epochs per loader measurement (steady state)")
     p.add_argument("--sha256", choices=["off", "on", "both"], default="both", help="data.verify_shards")
+    p.add_argument(
+        "--storage",
+        choices=["page-cache", "disk", "both"],
+        default="both",
+        help="read the shards from the page cache, or from storage (evicted before every read)",
+    )
     p.add_argument("--train-steps", type=int, default=10, help="timed steps of the training measurement")
     p.add_argument("--no-train", action="store_true", help="use the recorded training figure only")
     args = p.parse_args()
@@ -153,16 +189,19 @@ def main() -> None:
         f"dataset: {args.dir}: {samples:,} train samples of seq_len {manifest['seq_len']} in {len(shards)} "
         f"shards, {total_bytes / 1e6:.1f} MB ({total_bytes / samples:,.0f} bytes/sample in the tar)"
     )
-    raw_mb = [total_bytes / seconds / 1e6 for seconds in raw]
-    raw_median = statistics.median(raw_mb)
-    runs = ", ".join(f"{v:,.0f}" for v in raw_mb)
-    print(f"raw sequential read        : {raw_median:10,.0f} MB/s   (runs: {runs})")
-    for (g, verify), values in rates.items():
+    raw_median = {}
+    for where, seconds in raw.items():
+        raw_mb = [total_bytes / s / 1e6 for s in seconds]
+        raw_median[where] = statistics.median(raw_mb)
+        runs = ", ".join(f"{v:,.0f}" for v in raw_mb)
+        print(f"raw sequential read, {where:<10}         : {raw_median[where]:8,.0f} MB/s   (runs: {runs})")
+    for (where, g, verify), values in rates.items():
         rate = statistics.median(values)
         mb, tokens = rate * total_bytes / samples / 1e6, rate * args.seq_len / 1e6
         print(
-            f"loader, batch {g:<4} sha256 {'on ' if verify else 'off'}: {mb:10,.0f} MB/s = {rate:10,.0f} "
-            f"samples/s = {tokens:.1f}M tokens/s   ({mb / raw_median:.2f}x raw; target >= 0.5x)"
+            f"loader, {where:<10} batch {g:<4} sha256 {'on ' if verify else 'off'}: {mb:8,.0f} MB/s = "
+            f"{rate:10,.0f} samples/s = {tokens:5.1f}M tokens/s   ({mb / raw_median[where]:.2f}x raw; "
+            "target >= 0.5x)"
         )
     report_training(args, min(statistics.median(v) for v in rates.values()))
 

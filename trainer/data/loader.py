@@ -46,7 +46,7 @@ from trainer.data import DataError
 from trainer.data.mixture import Mixture
 from trainer.data.prefetch import LoaderIterator
 from trainer.data.prepare import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS
-from trainer.data.shards import read_shard
+from trainer.data.shards import ReadBuffer, read_shard
 
 log = logging.getLogger("trainer")
 
@@ -58,6 +58,10 @@ _KEPT = ("ahead", "pool", "readers")  # a pass' cache entries that outlive an ep
 # releases the GIL: a window of the benchmark dataset read at 1.9-2.0 GB/s with two threads, 1.1 GB/s
 # with one. Without sha256 both read it at 3.6-3.8 GB/s: there the second thread adds nothing.
 _READ_THREADS = min(2, os.cpu_count() or 1)
+# Batches per hand-off from the prefetch thread (see ShardLoader._batches): enough that the hand-off
+# no longer bounds small batches (batch 16 went from ~0.2M to ~0.9M samples/s), few enough bytes
+# to stay in cache on their way to the step.
+_CHUNK_BATCHES, _CHUNK_BYTES = 64, 1 << 20
 
 
 def _manifest_problem(m: Any) -> str | None:
@@ -150,10 +154,10 @@ class _Readers:
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="ShardLoader-read")
         self._local = threading.local()
 
-    def buffer(self) -> bytearray:
+    def buffer(self) -> ReadBuffer:
         """The calling thread's buffer."""
         if not hasattr(self._local, "buffer"):
-            self._local.buffer = bytearray()
+            self._local.buffer = ReadBuffer()
         return self._local.buffer
 
     def shutdown(self) -> None:
@@ -184,12 +188,15 @@ class Source:
         """Which shards form each window of ``epoch``, in order, and where each window starts."""
         return _EpochPlan(self.counts, epoch, self.how.seed, self.how.window, self.how.shuffle)
 
-    def take(self, first: int, count: int, cache: dict[str, Any]) -> tuple[np.ndarray, ...]:
+    def take(
+        self, first: int, count: int, cache: dict[str, Any], select: np.ndarray | None = None
+    ) -> tuple[np.ndarray, ...]:
         """(ids, rows, valid) at this source's positions [first, first + count), across windows/epochs.
 
-        ``cache`` holds one pass' epoch plan and its one window, in shard order beside the window's
-        permutation, so a run of positions within a window is one gather (unshuffled: a slice, a
-        view; the caller copies what it keeps).
+        ``select``: sorted offsets into that run to keep (None: all of them), e.g. one rank's slices
+        of several global batches. ``cache`` holds one pass' epoch plan and its one window, in shard
+        order beside the window's permutation, so a run of positions within a window is one gather
+        (unshuffled and unselected: a slice, a view; the caller copies what it keeps).
         """
         parts = []
         pos, end = first, first + count
@@ -202,18 +209,29 @@ class Source:
             if not cache.get("lo", 0) <= offset < cache.get("hi", 0):  # another window: load it
                 plan = cache["plan"]
                 w = plan.window_of(offset)
-                cache.pop("rows", None)  # free the old window before reading the next one
-                lo, hi = int(plan.starts[w]), int(plan.starts[w + 1])
-                cache.update(lo=lo, hi=hi, **self._window(plan, w, cache))
+                for key in ("rows", "lo", "hi"):  # free the old window first; a failed read leaves none
+                    cache.pop(key, None)
+                window = self._window(plan, w, cache)
+                cache.update(lo=int(plan.starts[w]), hi=int(plan.starts[w + 1]), **window)
             j, k = offset - cache["lo"], min(end - pos, cache["hi"] - offset)
             arrays, order = (cache["ids"], cache["rows"], cache["valid"]), cache["order"]
-            if order is None:
-                parts.append([a[j : j + k] for a in arrays])
+            if select is not None:  # the selected offsets within [pos, pos + k), as window indices
+                a, b = np.searchsorted(select, [pos - first, pos - first + k])
+                at = select[a:b] - (pos - first) + j
+                parts.append([x.take(at if order is None else order.take(at), axis=0) for x in arrays])
+            elif order is None:
+                parts.append([x[j : j + k] for x in arrays])
             else:  # take(): a plain gather, markedly faster than fancy indexing of the rows
                 at = order[j : j + k]
-                parts.append([a.take(at, axis=0) for a in arrays])
+                parts.append([x.take(at, axis=0) for x in arrays])
             pos += k
         return tuple(parts[0]) if len(parts) == 1 else tuple(np.concatenate(p) for p in zip(*parts))
+
+    def window_end(self, position: int, cache: dict[str, Any]) -> int:
+        """The first position after the window that holds ``position``."""
+        epoch, offset = divmod(position, self.num_samples)
+        plan = cache["plan"] if cache.get("epoch") == epoch else self.epoch_plan(epoch)
+        return epoch * self.num_samples + int(plan.starts[plan.window_of(offset) + 1])
 
     def _window(self, plan: _EpochPlan, w: int, cache: dict[str, Any]) -> dict[str, Any]:
         """Window ``w`` of ``plan``'s epoch (from the read-ahead when it has it); starts reading the next.
@@ -320,6 +338,8 @@ class ShardLoader:
     in whole global batches (the tail is dropped; in a mixture, a source that runs out starts over);
     each new ``iter()`` starts again from the beginning, unless a state was just loaded. Only the
     newest iterator of a loader is live. ``shuffle`` defaults to True except for the ``val`` split.
+    Consecutive batches may be views of one tensor (they are built, and handed over, in chunks of
+    about 1 MiB of tokens): copy a batch's tensors before saving them, or torch.save writes the chunk.
     ``on_corrupt``: ``error`` raises a DataError naming the shard, ``skip`` passes over bad samples
     (see the module docstring).
     """
@@ -366,6 +386,9 @@ class ShardLoader:
         self.fingerprint = (
             prints[0] if len(prints) == 1 else hashlib.sha256(json.dumps(prints).encode()).hexdigest()
         )
+        self._slice = (rank * global_batch_size // world_size, (rank + 1) * global_batch_size // world_size)
+        batch_bytes = (self._slice[1] - self._slice[0]) * (self.seq_len + 1) * 4
+        self._chunk_batches = max(1, min(_CHUNK_BATCHES, _CHUNK_BYTES // batch_bytes))
         self._position = _Position((0,) * len(self.sources))
         self._resumed = False
         self._active: LoaderIterator | None = None
@@ -468,14 +491,22 @@ class ShardLoader:
 
     # ---- producing batches (runs in the prefetch thread when prefetch > 0) ----
 
-    def _batches(self, start: _Position) -> Iterator[tuple[_Position, dict[str, torch.Tensor]]]:
-        """(position after the batch, this rank's slice) for global batches from position ``start``."""
+    def _batches(self, start: _Position) -> Iterator[list[tuple[_Position, dict[str, torch.Tensor]]]]:
+        """Chunks of consecutive global batches from position ``start``: [(position after it, this
+        rank's slice), ...]. A chunk crosses threads in one hand-off, which costs tens of
+        microseconds: as much as building a small batch."""
         caches: list[dict[str, Any]] = [{} for _ in self.sources]  # this pass' plan and window, per source
         pos = start
         try:
-            while (step := self._next_batch(pos, caches)) is not None:
-                pos, batch = step
-                yield pos, batch
+            while True:
+                chunk, error = self._next_chunk(pos, caches)
+                if chunk:
+                    yield chunk
+                    pos = chunk[-1][0]
+                if error is not None:
+                    raise error
+                if not chunk:
+                    return
         finally:  # the pass ends or is abandoned: stop its read-ahead and reading threads
             for cache in caches:
                 if "pool" in cache:
@@ -483,17 +514,62 @@ class ShardLoader:
                 if "readers" in cache:
                     cache["readers"].shutdown()
 
+    def _next_chunk(self, pos: _Position, caches: list[dict]) -> tuple[list, DataError | None]:
+        """The next chunk (empty when a finite pass ends) and the error that ended it early, if any.
+
+        A chunk holds up to ``_CHUNK_BATCHES`` batches or ``_CHUNK_BYTES`` of this rank's tokens
+        (at least one batch). Built batch by batch, a chunk stops at a bad shard's error (with
+        ``on_corrupt=error``): the batches before it are still handed out, and the error is
+        raised where the first batch that needs the shard would have been.
+        """
+        if not self.skip and len(self.sources) == 1:
+            try:
+                return self._plain_chunk(pos, caches[0]), None
+            except DataError:
+                pass  # built again batch by batch, to hand out the batches before the bad shard
+        chunk: list[tuple[_Position, dict]] = []
+        try:
+            while len(chunk) < self._chunk_batches and (step := self._next_batch(pos, caches)) is not None:
+                chunk.append(step)
+                pos = step[0]
+        except DataError as exn:
+            if not chunk:
+                raise
+            return chunk, exn
+        return chunk, None
+
+    def _plain_chunk(self, pos: _Position, cache: dict[str, Any]) -> list[tuple[_Position, dict]]:
+        """``_next_chunk`` of one source without skipping, built at once: one gather for the chunk.
+
+        Its batches are views of one tensor per field. A chunk ends with the window that holds this
+        rank's first position (or after one batch), so it never reads further ahead than batch by
+        batch would.
+        """
+        G, (lo, hi) = self.global_batch_size, self._slice
+        (first,) = pos.counts
+        room = self.sources[0].window_end(first + lo, cache) - first - hi  # batch i fits if i*G <= room
+        k = max(1, min(self._chunk_batches, room // G + 1))
+        if not self.infinite:
+            k = min(k, (self.num_samples - first) // G)
+            if k <= 0:
+                return []
+        b = hi - lo
+        select = None if b == G else (np.arange(k)[:, None] * G + np.arange(b)).ravel()
+        ids, rows, _ = self.sources[0].take(first + lo, (k - 1) * G + b, cache, select)
+        batches = zip(
+            torch.from_numpy(rows.astype(np.int32)).split(b),  # see _to_batch
+            torch.from_numpy(ids.astype(np.int64)).split(b),
+            torch.zeros(k * b, dtype=torch.int64).split(b),
+        )
+        return [
+            (_Position((first + (i + 1) * G,), pos.skipped), {"tokens": t, "sample_ids": s, "source": c})
+            for i, (t, s, c) in enumerate(batches)
+        ]
+
     def _next_batch(self, pos: _Position, caches: list[dict]) -> tuple[_Position, dict] | None:
         """The next global batch's position after it and this rank's slice; None when a finite pass ends."""
         G = self.global_batch_size
-        lo, hi = self.rank * G // self.world_size, (self.rank + 1) * G // self.world_size
-        if not self.skip and len(self.sources) == 1:  # as below, in plain ints: per-batch cost matters
-            (first,) = pos.counts
-            if not self.infinite and first + G > self.num_samples:
-                return None
-            ids, rows, _ = self.sources[0].take(first + lo, hi - lo, caches[0])
-            batch = self._to_batch(np.zeros(hi - lo, np.int64), ids, rows)
-            return _Position((first + G,), pos.skipped), batch
+        lo, hi = self._slice
         counts = np.array(pos.counts, np.int64)
         if not self.skip:  # every position is used: read only this rank's slice
             picks = self.mixture.picks(counts, G)
