@@ -191,6 +191,22 @@ def test_chunks_hand_out_the_batches_built_one_by_one(dataset, monkeypatch, worl
     assert len({i for batch in chunked for i, _ in batch}) == n  # 60 batches cross an epoch: all seen
 
 
+def test_a_bad_window_stops_the_batches_where_the_first_one_needs_it(dataset, tmp_path):
+    """One source: the batches wholly before the window with a truncated shard are handed out (in
+    one chunk), then the error, and the bad shard was read once."""
+    copy, name = tmp_path / "ds", load_manifest(dataset)["splits"]["train"]["shards"][5]["path"]
+    shutil.copytree(dataset, copy)
+    (copy / name).write_bytes((copy / name).read_bytes()[:3000])
+    ld = loader(copy, shuffle=False, prefetch=2)
+    window = int(ld.sources[0].epoch_plan(0).starts[1])  # shard 5 is in window 1
+    got = []
+    with pytest.raises(DataError, match=f"shard .*{name}"):
+        for batch in ld:
+            got += batch["sample_ids"].tolist()
+    assert got == list(range(window // G * G)) and ld.state_dict()["consumed_samples"] == len(got)
+    assert ld.sources[0].shard_reads[str(name)] == 1
+
+
 def test_a_chunk_stops_at_a_bad_shard_after_handing_out_the_batches_before_it(dataset, tmp_path):
     """Two sources, the first one's second window truncated: every batch before the first one that
     needs that window is handed out (they share a chunk with it), then the error names the shard."""

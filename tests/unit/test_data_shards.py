@@ -143,7 +143,7 @@ def test_local_reads_in_pieces_agree_with_whole_reads(shard, tmp_path, monkeypat
 
 
 def test_read_buffer_is_page_aligned():
-    """Reads into a misaligned buffer ran at a quarter of the speed on the project's machines."""
+    """Reads into a buffer that is not 32-byte aligned ran 3.5-4x slower on the project's machines."""
     buffer = ReadBuffer()
     for size in (1000, 600_000, 5000):
         view = np.frombuffer(buffer.view(size), np.uint8)

@@ -209,7 +209,7 @@ class Source:
             if not cache.get("lo", 0) <= offset < cache.get("hi", 0):  # another window: load it
                 plan = cache["plan"]
                 w = plan.window_of(offset)
-                for key in ("rows", "lo", "hi"):  # free the old window first; a failed read leaves none
+                for key in ("rows", "ids", "valid", "order", "lo", "hi"):  # a failed read leaves none
                     cache.pop(key, None)
                 window = self._window(plan, w, cache)
                 cache.update(lo=int(plan.starts[w]), hi=int(plan.starts[w + 1]), **window)
@@ -338,8 +338,9 @@ class ShardLoader:
     in whole global batches (the tail is dropped; in a mixture, a source that runs out starts over);
     each new ``iter()`` starts again from the beginning, unless a state was just loaded. Only the
     newest iterator of a loader is live. ``shuffle`` defaults to True except for the ``val`` split.
-    Consecutive batches may be views of one tensor (they are built, and handed over, in chunks of
-    about 1 MiB of tokens): copy a batch's tensors before saving them, or torch.save writes the chunk.
+    Consecutive train batches may be views of one tensor (they are built, and handed over, in chunks
+    of up to ~1 MiB of tokens; ``prefetch`` chunks ahead): copy a batch's tensors before saving them,
+    or torch.save writes the chunk.
     ``on_corrupt``: ``error`` raises a DataError naming the shard, ``skip`` passes over bad samples
     (see the module docstring).
     """
@@ -388,7 +389,7 @@ class ShardLoader:
         )
         self._slice = (rank * global_batch_size // world_size, (rank + 1) * global_batch_size // world_size)
         batch_bytes = (self._slice[1] - self._slice[0]) * (self.seq_len + 1) * 4
-        self._chunk_batches = max(1, min(_CHUNK_BATCHES, _CHUNK_BYTES // batch_bytes))
+        self._chunk_batches = max(1, min(_CHUNK_BATCHES, _CHUNK_BYTES // batch_bytes)) if infinite else 1
         self._position = _Position((0,) * len(self.sources))
         self._resumed = False
         self._active: LoaderIterator | None = None
@@ -518,15 +519,16 @@ class ShardLoader:
         """The next chunk (empty when a finite pass ends) and the error that ended it early, if any.
 
         A chunk holds up to ``_CHUNK_BATCHES`` batches or ``_CHUNK_BYTES`` of this rank's tokens
-        (at least one batch). Built batch by batch, a chunk stops at a bad shard's error (with
+        (at least one batch); a finite pass, usually cut short (``eval.batches``), hands out one
+        batch at a time, so it reads no further ahead than the batches it may hand out. Built
+        batch by batch (a mixture), a chunk stops at a bad shard's error (with
         ``on_corrupt=error``): the batches before it are still handed out, and the error is
         raised where the first batch that needs the shard would have been.
         """
         if not self.skip and len(self.sources) == 1:
-            try:
-                return self._plain_chunk(pos, caches[0]), None
-            except DataError:
-                pass  # built again batch by batch, to hand out the batches before the bad shard
+            # Its first batch needs every window the chunk reads, so an error here comes where
+            # batch by batch it would have come too.
+            return self._plain_chunk(pos, caches[0]), None
         chunk: list[tuple[_Position, dict]] = []
         try:
             while len(chunk) < self._chunk_batches and (step := self._next_batch(pos, caches)) is not None:
