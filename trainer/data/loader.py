@@ -558,14 +558,11 @@ class ShardLoader:
         b = hi - lo
         select = None if b == G else (np.arange(k)[:, None] * G + np.arange(b)).ravel()
         ids, rows, _ = self.sources[0].take(first + lo, (k - 1) * G + b, cache, select)
-        batches = zip(
-            torch.from_numpy(rows.astype(np.int32)).split(b),  # see _to_batch
-            torch.from_numpy(ids.astype(np.int64)).split(b),
-            torch.zeros(k * b, dtype=torch.int64).split(b),
-        )
+        whole = self._to_batch(np.zeros(k * b, np.int64), ids, rows)
+        parts = zip(*(tensor.split(b) for tensor in whole.values()))
         return [
-            (_Position((first + (i + 1) * G,), pos.skipped), {"tokens": t, "sample_ids": s, "source": c})
-            for i, (t, s, c) in enumerate(batches)
+            (_Position((first + (i + 1) * G,), pos.skipped), dict(zip(whole, fields)))
+            for i, fields in enumerate(parts)
         ]
 
     def _next_batch(self, pos: _Position, caches: list[dict]) -> tuple[_Position, dict] | None:
