@@ -32,7 +32,6 @@ the loader's window reads from running 2x slower when malloc happens to return a
 from __future__ import annotations
 
 import argparse
-import mmap
 import os
 import statistics
 import threading
@@ -42,6 +41,7 @@ from pathlib import Path
 from trainer.data.corpus import write_builtin_corpus
 from trainer.data.loader import ShardLoader, load_manifest
 from trainer.data.prepare import MANIFEST, prepare_dataset
+from trainer.data.shards import ReadBuffer
 
 DEFAULT_TRAIN_SAMPLES_S = 14_000 / 128  # tiny model, seq 128, fp32, 2 CPU cores (measured earlier)
 
@@ -69,7 +69,7 @@ def raw_read(files: list[Path]) -> float:
     """Seconds to read every file sequentially in 1 MB reads, into a page-aligned buffer (the
     fastest read: into a malloc'd buffer that happens not to be 32-byte aligned, 3.5-4x slower)."""
     start = time.perf_counter()
-    buf = mmap.mmap(-1, 1 << 20, flags=mmap.MAP_PRIVATE)
+    buf = ReadBuffer().view(1 << 20)
     for path in files:
         with open(path, "rb", buffering=0) as f:
             while f.readinto(buf):
