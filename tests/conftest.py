@@ -1,4 +1,8 @@
-"""Session fixtures: one cache of the built-in corpus, and a clean environment for subprocess runs."""
+"""Session fixtures: one cache of the built-in corpus, and a clean environment for subprocess runs.
+
+The suite runs on two pytest-xdist workers (pyproject's addopts: ``-n 2``); the scheduler below
+decides what may run side by side.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +11,37 @@ from pathlib import Path
 
 import pytest
 
+# Files whose tests start several processes (torchrun groups, SLURM jobs): one worker runs them one
+# after another, so two cores never hold more than one multi-process run and one single-process test.
+SEVERAL_PROCESSES = ("tests/distributed/", "tests/slurm/")
+
+
+@pytest.hookimpl(optionalhook=True)  # defined only when pytest-xdist is loaded
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """Work units for the xdist workers: the multi-process tests as one unit, handed out first (the
+    longest), then every other file whole, so its module fixtures (trained runs, exports) are built
+    once. (xdist's own ``--dist loadgroup`` does the same from marks, but on pytest 9.2 its marks
+    no longer reach the scheduler: pytest-xdist issue #1386.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::")[0]
+            return "several-processes" if path.startswith(SEVERAL_PROCESSES) else path
+
+    config.option.loadscopereorder = False  # collection order: tests/distributed comes first
+    return Scheduling(config, log)
+
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> Path:
-    """One cache of the built-in corpus for the whole session (prepared on first use)."""
-    return tmp_path_factory.mktemp("data")
+    """One cache of the built-in corpus for the whole session, prepared on first use (workers
+    share it: prepare_builtin serializes concurrent builders on a lock file)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # .../pytest-N/popen-gwK -> the session's directory, shared by the workers
+    (root / "data").mkdir(exist_ok=True)
+    return root / "data"
 
 
 @pytest.fixture(scope="session")
