@@ -54,6 +54,7 @@ _DTYPES = {"uint16": "<u2", "uint32": "<u4"}
 _SHARD_KEYS = {"path": str, "samples": int, "sha256": str, "bytes": int}
 ON_CORRUPT = ("error", "skip")
 _KEPT = ("ahead", "pool", "readers")  # a pass' cache entries that outlive an epoch
+_WINDOW = ("ids", "rows", "valid", "order", "lo", "hi")  # its entries of the window in use
 # Shards of a window read at once. sha256 (data.verify_shards) bounds a reading thread at ~1 GB/s and
 # releases the GIL: a window of the benchmark dataset read at 1.9-2.0 GB/s with two threads, 1.1 GB/s
 # with one. Without sha256 both read it at 3.6-3.8 GB/s: there the second thread adds nothing.
@@ -209,7 +210,7 @@ class Source:
             if not cache.get("lo", 0) <= offset < cache.get("hi", 0):  # another window: load it
                 plan = cache["plan"]
                 w = plan.window_of(offset)
-                for key in ("rows", "ids", "valid", "order", "lo", "hi"):  # a failed read leaves none
+                for key in _WINDOW:  # free the old window first; a failed read leaves none
                     cache.pop(key, None)
                 window = self._window(plan, w, cache)
                 cache.update(lo=int(plan.starts[w]), hi=int(plan.starts[w + 1]), **window)
