@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 # Files whose tests start several processes (torchrun groups, SLURM jobs): one worker runs them one
-# after another, so two cores never hold more than one multi-process run and one single-process test.
+# after another, so no two of them share the two cores (a few e2e tests run two ranks too; those
+# files stay with the other worker).
 SEVERAL_PROCESSES = ("tests/distributed/", "tests/slurm/")
 
 

@@ -10,6 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+# A short run on the nano model that the ZeRO stages must all train alike (losses within 1e-4).
+# Global batch 8 = 2 ranks x micro 2 x 2 accumulation steps, or 1 rank x micro 2 x 4.
+SHORT_RUN = ["debug=fast", "max_steps=8", "eval_every=4", "global_batch_size=8", "micro_batch_size=2",
+             "checkpoint.every_steps=0"]  # fmt: skip
+
 
 def run_module(module: str, args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600):
     """Run ``python -m module args`` and return the CompletedProcess (text output captured).

@@ -7,19 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import assert_ok, read_metrics, run_module, torchrun
+from tests.helpers import SHORT_RUN, assert_ok, read_metrics, run_module, torchrun
 
 pytestmark = pytest.mark.distributed
 
-# Global batch 8 = 2 ranks x micro 2 x 2 accumulation steps, or 1 rank x micro 2 x 4.
-COMMON = [
-    "debug=fast",
-    "max_steps=8",
-    "eval_every=4",
-    "global_batch_size=8",
-    "micro_batch_size=2",
-    "checkpoint.every_steps=0",
-]
 WORKER = str(Path(__file__).with_name("agree_worker.py"))
 
 
@@ -27,7 +18,7 @@ WORKER = str(Path(__file__).with_name("agree_worker.py"))
 def single_rank_losses(tmp_path_factory, base_env) -> list[float]:
     """The reference: the same run on one process (ZeRO stage does not change the maths)."""
     cwd = tmp_path_factory.mktemp("single")
-    assert_ok(run_module("trainer.train", [*COMMON, "engine=zero0", "run_dir=out"], cwd, base_env))
+    assert_ok(run_module("trainer.train", [*SHORT_RUN, "engine=zero0", "run_dir=out"], cwd, base_env))
     return [e["loss"] for e in read_metrics(cwd / "out")]
 
 
@@ -37,7 +28,7 @@ def test_two_ranks_train_like_one(tmp_path, cli_env, single_rank_losses, stage, 
     args = [
         "-m",
         "trainer.train",
-        *COMMON,
+        *SHORT_RUN,
         f"engine=zero{stage}",
         f"model.act_ckpt={act_ckpt}",
         "run_dir=out",
@@ -59,7 +50,7 @@ def test_two_ranks_train_like_one(tmp_path, cli_env, single_rank_losses, stage, 
 
 @pytest.mark.parametrize("stage", [2, 3])
 def test_ranks_agree_on_weights_and_loss(tmp_path, cli_env, stage):
-    args = [WORKER, str(tmp_path), *COMMON, "max_steps=4", f"engine=zero{stage}", "run_dir=out"]
+    args = [WORKER, str(tmp_path), *SHORT_RUN, "max_steps=4", f"engine=zero{stage}", "run_dir=out"]
     proc = torchrun(2, args, tmp_path, cli_env)
     assert_ok(proc)
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))

@@ -8,17 +8,13 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import assert_ok, read_metrics, run_module
-
-# The same run as tests/distributed/test_torchrun.py's reference, on one process.
-COMMON = ["debug=fast", "max_steps=8", "eval_every=4", "global_batch_size=8", "micro_batch_size=2",
-          "checkpoint.every_steps=0"]  # fmt: skip
+from tests.helpers import SHORT_RUN, assert_ok, read_metrics, run_module
 
 
 @pytest.mark.slow
 def test_zero3_offload_trains_like_the_reference(tmp_path, cli_env):
-    assert_ok(run_module("trainer.train", [*COMMON, "engine=zero0", "run_dir=ref"], tmp_path, cli_env))
-    args = [*COMMON, "engine=zero3-offload", "engine.precision=fp32", "run_dir=out"]
+    assert_ok(run_module("trainer.train", [*SHORT_RUN, "engine=zero0", "run_dir=ref"], tmp_path, cli_env))
+    args = [*SHORT_RUN, "engine=zero3-offload", "engine.precision=fp32", "run_dir=out"]
     assert_ok(run_module("trainer.train", args, tmp_path, cli_env, timeout=900))
     reference = [e["loss"] for e in read_metrics(tmp_path / "ref")]
     losses = [e["loss"] for e in read_metrics(tmp_path / "out")]
