@@ -16,7 +16,7 @@ from trainer.data.batch import to_device
 from trainer.data.build import Data, build_data
 from trainer.distributed import DistInfo, barrier, gather_to_main
 from trainer.engine import GradClip, build_engine, clips_in_trainer, current_lr, deepspeed_config, grad_norm
-from trainer.evaluate import evaluate
+from trainer.evaluate import evaluate, token_byte_lengths
 from trainer.guard import StepControl, TrainingHalted
 from trainer.metrics import MetricsSink, open_sink
 from trainer.model import GPT
@@ -152,6 +152,7 @@ def fit(run: Run, sink: MetricsSink) -> None:
         run.peak,
     )
     clip = GradClip(cfg.optim.grad_clip) if clips_in_trainer(cfg.engine) else None
+    byte_lengths = token_byte_lengths(run.data.tokenizer)  # for validation's bits per byte
 
     def before_optimizer() -> None:
         meter.optimizer_start()
@@ -183,9 +184,7 @@ def fit(run: Run, sink: MetricsSink) -> None:
             log_train(run, sink, losses, meter, clip)
             losses.clear()
         if cfg.eval_every and (state.step % cfg.eval_every == 0 or last):
-            # The same function as `python -m trainer.eval`, so the two agree exactly.
-            val = evaluate(run.engine, run.data.val, cfg.micro_batch_size, cfg.eval_batches, run.dist.device)
-            sink.log({"event": "eval", "step": state.step, "tokens": state.tokens, "val_loss": val.loss})
+            log_eval(run, sink, byte_lengths)
         every = cfg.checkpoint.every_steps
         periodic = (every and state.step % every == 0) or control.save_due
         if periodic or control.stop_requested or (last and cfg.checkpoint.save_final):
@@ -197,6 +196,15 @@ def fit(run: Run, sink: MetricsSink) -> None:
     # Only now: while stopping, a further signal must meet our handler, not the default action
     # (which would kill the process and lose the requeue exit code).
     stop.restore()
+
+
+def log_eval(run: Run, sink: MetricsSink, byte_lengths: torch.Tensor) -> None:
+    """Validation with the function `python -m trainer.eval` uses, so the two agree exactly."""
+    cfg, state = run.cfg, run.state
+    micro, device = cfg.micro_batch_size, run.dist.device
+    val = evaluate(run.engine, run.data.val, micro, cfg.eval_batches, device, byte_lengths)
+    event = {"event": "eval", "step": state.step, "tokens": state.tokens, "val_loss": val.loss}
+    sink.log(event | {"val_bpb": val.bits_per_byte})  # bits per byte: comparable across tokenizers
 
 
 def record_skip(run: Run, sink: MetricsSink, control: StepControl, batch: dict[str, torch.Tensor]) -> None:

@@ -187,7 +187,8 @@ def _parse(line: str) -> dict[str, Any] | None:
 def format_event(e: dict[str, Any]) -> str:
     if e["event"] == "eval":
         ppl = math.exp(min(e["val_loss"], 50))
-        return f"eval  step {e['step']:>6} | val_loss {e['val_loss']:.4f} | ppl {ppl:.2f}"
+        bpb = f" | bpb {e['val_bpb']:.4f}" if e.get("val_bpb") is not None else ""
+        return f"eval  step {e['step']:>6} | val_loss {e['val_loss']:.4f} | ppl {ppl:.2f}{bpb}"
     if e["event"] == "train":
         gn = f" | gnorm {e['grad_norm']:.3f}" if e.get("grad_norm") is not None else ""
         line = (

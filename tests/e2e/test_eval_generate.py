@@ -39,9 +39,13 @@ def exported(llama, tmp_path_factory):
     return export(llama, tmp_path_factory.mktemp("exported") / "hf")
 
 
-def _val_loss(run_dir, step: int = 10) -> float:
+def _val_event(run_dir, step: int = 10) -> dict:
     (event,) = [e for e in read_metrics(run_dir, "eval") if e["step"] == step]
-    return event["val_loss"]
+    return event
+
+
+def _val_loss(run_dir, step: int = 10) -> float:
+    return _val_event(run_dir, step)["val_loss"]
 
 
 # ---------------------------------------------------------------------------- eval
@@ -53,7 +57,9 @@ def test_eval_reports_the_trainers_validation_numbers(llama, tmp_path, base_env)
     proc = run_module("trainer.eval", args, tmp_path, base_env | {"WANDB_MODE": "offline"})
     assert_ok(proc)
     report = json.loads((tmp_path / "val-step-10.json").read_text())
-    assert report["loss"] == _val_loss(llama)
+    trainer_val = _val_event(llama)
+    assert report["loss"] == trainer_val["val_loss"]
+    assert report["bits_per_byte"] == trainer_val["val_bpb"]  # same bytes counted: the dataset's tokenizer
     assert report["tokens"] == 8 * 64 and report["batches"] == 1 and report["step"] == 10
     assert report["perplexity"] == pytest.approx(math.exp(report["loss"]))
     # byte tokenizer: one byte per token but end-of-text, so bpb is a little above loss / ln 2

@@ -114,6 +114,7 @@ def test_mixture_build_and_record_ids(datasets, tmp_path):
     cfg = DataConfig(path=None, sources=sources, seq_len=SEQ, on_corrupt="skip", record_ids=True)
     data = build(cfg, rank=1, world=2, record_dir=tmp_path / "ids")
     assert data.vocab_size == 257 and data.tokenizer_source.endswith("a/manifest.json")
+    assert data.tokenizer.vocab_size == 257  # the dataset's own, for validation's bits per byte
     assert isinstance(data.train, RecordingLoader) and len(data.train.loader.sources) == 2
     it = iter(data.train)
     batches = [next(it) for _ in range(4)]

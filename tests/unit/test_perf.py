@@ -137,6 +137,12 @@ def test_train_line_shows_mfu_and_memory():
     assert "mfu 12.3% | mem 0.50 GB | eta 0:00:05" in format_event(e)
 
 
+def test_eval_line_shows_bits_per_byte_when_known():
+    e = {"event": "eval", "step": 50, "val_loss": 2.0, "val_bpb": 1.5}
+    assert format_event(e) == "eval  step     50 | val_loss 2.0000 | ppl 7.39 | bpb 1.5000"
+    assert format_event(e | {"val_bpb": None}).endswith("ppl 7.39")
+
+
 def test_profiler_writes_a_chrome_trace_of_the_chosen_steps(tmp_path: Path):
     prof = StepProfiler(ProfileConfig(enabled=True, steps=[2, 3]), tmp_path, 0, torch.device("cpu"))
     for step in range(1, 6):

@@ -11,7 +11,8 @@ import torch
 
 from trainer.config import ConfigError, DataConfig
 from trainer.data.loader import ShardLoader, load_manifest
-from trainer.data.prepare import MANIFEST, prepare_builtin
+from trainer.data.prepare import MANIFEST, TOKENIZER_DIR, prepare_builtin
+from trainer.data.tokenizer import Tokenizer, load_tokenizer
 
 
 class RecordingLoader:
@@ -55,6 +56,7 @@ class Data:
     train: ShardLoader | RecordingLoader
     val: ShardLoader
     vocab_size: int
+    tokenizer: Tokenizer  # the dataset's, saved beside its shards
     tokenizer_source: str = ""  # the manifest whose tokenizer sets vocab_size (for error messages)
 
 
@@ -113,5 +115,6 @@ def build_data(
         recorded or train,
         loader("val", False),
         first.manifest["tokenizer"]["vocab_size"],
+        load_tokenizer(first.dir / TOKENIZER_DIR),
         str(first.dir / MANIFEST),
     )
