@@ -17,13 +17,16 @@ class Preempted(Exception):
 
 
 class StopSignal:
-    """Remembers that SIGTERM or SIGUSR1 arrived; the loop acts on it at the next step boundary.
+    """Remembers that SIGTERM, SIGUSR1 or SIGUSR2 arrived; the loop acts on it at the next step boundary.
+
+    SIGUSR2 is what submitit (Hydra's SLURM launcher) has SLURM send a sweep member before its
+    time limit; SIGUSR1 is slurm/train.sbatch's; SIGTERM is what SLURM, Kubernetes and kill send.
 
     The handler only sets a flag: the save happens in the loop, where every rank can agree on
     it. A second signal while saving is logged and ignored, so it cannot interrupt the save.
     """
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
     def __init__(self) -> None:
         self.received: int | None = None

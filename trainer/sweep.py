@@ -17,6 +17,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,24 @@ class SweepMember(Callback):
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         os.environ.pop(RUN_DIR_ENV, None)  # the basic launcher runs the next member in this process
+
+
+def requeue_submitit_member() -> str | None:
+    """Requeue this SLURM sweep member's job (from its rank 0), after it saved on a stop request.
+
+    What slurm/train.sbatch does for a plain job: the job starts again, its member resumes from
+    that checkpoint in its run dir and finishes, and the sweep command keeps waiting for it.
+    Returns the job id requeued; None outside a submitit SLURM job and on other ranks.
+    """
+    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
+        return None
+    from submitit import JobEnvironment
+
+    job = JobEnvironment()
+    if job.global_rank != 0:
+        return None
+    subprocess.run(["scontrol", "requeue", job.job_id], check=True, capture_output=True, timeout=60)
+    return job.job_id
 
 
 @dataclass

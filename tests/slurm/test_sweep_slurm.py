@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import csv
+import re
+import subprocess
+import sys
 
 import pytest
 import yaml
 
-from tests.helpers import assert_ok, run_module
-from tests.launch_helpers import losses
+from tests.helpers import assert_ok, kill_group, run_module
+from tests.launch_helpers import job_info, losses, slurm, train_steps, wait_for
 
 pytestmark = pytest.mark.slurm
 
@@ -48,3 +51,49 @@ def test_two_member_sweep_of_two_process_members(tmp_path, slurm_env):
     val = [float(r["val_loss"]) for r in rows]
     assert val == sorted(val)  # best first
     assert (sweep / "summary.md").read_text().count("| done |") == 2
+
+
+def test_a_signalled_member_saves_requeues_itself_and_ends_like_an_uninterrupted_one(tmp_path, slurm_env):
+    """USR2, what SLURM sends a submitit job before its time limit, to member 0 of two identical
+    members (seed=0,0): it saves, requeues its own job and resumes; the sweep command waits for it."""
+    steps = 60
+    args = [
+        "-m",
+        "hydra/launcher=slurm",
+        "hydra.launcher.partition=local",
+        "hydra.launcher.cpus_per_task=1",
+        "hydra.launcher.timeout_min=10",
+        "name=pre",
+        "debug=fast",
+        f"max_steps={steps}",
+        "eval_every=30",
+        "checkpoint.every_steps=0",  # the only checkpoint before the end: the one the signal asks for
+        "seed=0,0",
+    ]
+    cmd = [sys.executable, "-m", "trainer.train", *args]
+    pipe = subprocess.PIPE
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=slurm_env, text=True, stdout=pipe, stderr=pipe, start_new_session=True
+    )
+    sweep = tmp_path / "runs" / "sweeps" / "pre"
+    try:
+        wait_for(lambda: len(train_steps(sweep / "0")) >= 3, 180, "sweep member 0 training")
+        (job_dir,) = (sweep / ".submitit").glob("*_0")  # <array job>_0: member 0's SLURM job
+        slurm("scancel", "--signal=USR2", job_dir.name, env=slurm_env)
+        out, err = proc.communicate(timeout=300)
+    except BaseException:
+        kill_group(proc)
+        slurm("scancel", "--name=pre", env=slurm_env, check=False)
+        raise
+    assert proc.returncode == 0, (out + err)[-5000:]
+
+    logs = "".join(p.read_text() for p in sorted(job_dir.glob("*_log.*")))
+    assert f"requeued SLURM job {job_dir.name}" in logs, logs[-5000:]
+    resumed = re.findall(r"resumed from \S+ at step (\d+)", logs)
+    assert len(resumed) == 1 and 0 < int(resumed[0]) < steps, logs[-5000:]  # stopped in the middle
+    assert job_info(job_dir.name, slurm_env)["Restarts"] == "1"
+    (other,) = (sweep / ".submitit").glob("*_1")
+    assert job_info(other.name, slurm_env)["Restarts"] == "0"
+    # every step once, and the losses of the member that ran through
+    assert train_steps(sweep / "0") == list(range(1, steps + 1))
+    assert losses(sweep / "0") == pytest.approx(losses(sweep / "1"), rel=1e-6, abs=1e-7)
