@@ -2,8 +2,10 @@
 
     python -m trainer.sweep runs/sweeps/<name> [--csv FILE] [--markdown FILE]
 
-prints one row per member, best first: its overrides, final train and validation loss, tokens/s
-and status, and writes the same table as ``summary.csv`` and ``summary.md`` into the sweep dir.
+prints one row per member, best first: its overrides, final train and validation loss, validation
+bits per byte, tokens/s and status (best: lowest bits per byte when every member logged it, as
+members may differ in tokenizer; else lowest validation loss), and writes the same table as
+``summary.csv`` and ``summary.md`` into the sweep dir.
 It reads what every run leaves behind: ``<member>/config.yaml``, ``<member>/metrics.jsonl`` and
 ``<member>/.hydra/overrides.yaml`` (Hydra writes the last one for sweep members only).
 """
@@ -89,6 +91,7 @@ class Member:
     total_steps: int | None = None
     train_loss: float | None = None
     val_loss: float | None = None
+    val_bpb: float | None = None  # bits per byte: comparable across tokenizers, unlike the loss
     tokens_per_s: float | None = None
 
     @property
@@ -99,9 +102,11 @@ class Member:
             return "done"
         return f"stopped {self.step}/{self.total_steps}"  # running, preempted or failed
 
-    def score(self) -> float:
-        """Lower is better: validation loss when there is one, else train loss; NaN last."""
-        loss = self.val_loss if self.val_loss is not None else self.train_loss
+    def score(self, by_bpb: bool = False) -> float:
+        """Lower is better: validation bits per byte (``by_bpb``) or loss when there is one, else
+        train loss; NaN last."""
+        val = self.val_bpb if by_bpb else self.val_loss
+        loss = val if val is not None else self.train_loss
         return math.inf if loss is None or math.isnan(loss) else loss
 
 
@@ -144,7 +149,7 @@ def read_member(path: Path) -> Member:
         # The median ignores the first window's start-up (compilation, data preparation).
         member.tokens_per_s = statistics.median(speeds) if speeds else None
     if evals:
-        member.val_loss = evals[-1]["val_loss"]
+        member.val_loss, member.val_bpb = evals[-1]["val_loss"], evals[-1].get("val_bpb")
     return member
 
 
@@ -192,6 +197,7 @@ def table(members: list[Member]) -> list[dict[str, str]]:
             "overrides": " ".join(m.overrides),
             "train_loss": _fmt(m.train_loss, 4),
             "val_loss": _fmt(m.val_loss, 4),
+            "val_bpb": _fmt(m.val_bpb, 4),
             "tokens_per_s": _fmt(m.tokens_per_s, 0),
             "status": m.status,
             "run_dir": str(m.path),
@@ -228,7 +234,9 @@ def summarize(sweep_dir: Path) -> tuple[list[dict[str, str]], list[str]]:
             "pass the sweep dir, e.g. runs/sweeps/<name>"
         )
     common = split_overrides(members)
-    members.sort(key=Member.score)  # stable: ties keep job order
+    # by bits per byte when every member has it: members may differ in tokenizer (older runs lack it)
+    by_bpb = all(m.val_bpb is not None for m in members)
+    members.sort(key=lambda m: m.score(by_bpb))  # stable: ties keep job order
     return table(members), common
 
 
