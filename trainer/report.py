@@ -146,16 +146,19 @@ def _save(fig: Any, path: Path) -> Path:
 
 
 def summary(runs: list[RunData]) -> str:
-    """One row per run: steps, tokens, last train loss, best val loss, median tokens/s, median MFU."""
-    rows = [("run", "steps", "tokens", "loss", "best val", "tok/s", "MFU %")]
+    """One row per run: steps, tokens, last train loss, best val loss and bits per byte, median
+    tokens/s, median MFU."""
+    rows = [("run", "steps", "tokens", "loss", "best val", "best bpb", "tok/s", "MFU %")]
     for run in runs:
         last = run.train[-1] if run.train else {}
         val = min((e["val_loss"] for e in run.evals), default=math.nan)
+        bpb = min((e["val_bpb"] for e in run.evals if e.get("val_bpb") is not None), default=math.nan)
         mfu = _median([100 * e["mfu"] for e in run.train if e.get("mfu") is not None])
         tps = _median([e["tokens_per_s"] for e in run.train[1:] or run.train])  # step 1 includes warm-up
         loss = last.get("loss", math.nan)
         steps, tokens = str(last.get("step", 0)), f"{last.get('tokens', 0):,}"
-        rows.append((run.label, steps, tokens, f"{loss:.4f}", f"{val:.4f}", f"{tps:,.0f}", f"{mfu:.2f}"))
+        scores = (f"{loss:.4f}", f"{val:.4f}", f"{bpb:.4f}")
+        rows.append((run.label, steps, tokens, *scores, f"{tps:,.0f}", f"{mfu:.2f}"))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))

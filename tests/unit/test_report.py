@@ -26,7 +26,8 @@ def _fake_run(path: Path, lr: float, steps: int = 6) -> None:
             {"event": "train", "step": s, "tokens": 512 * s, "loss": loss, "tokens_per_s": 1e3, "mfu": 0.01}
         )
         if s % 3 == 0:
-            events.append({"event": "eval", "step": s, "tokens": 512 * s, "val_loss": 5.1 - lr * s})
+            val = {"val_loss": 5.1 - lr * s, "val_bpb": 7.0 - lr * s}
+            events.append({"event": "eval", "step": s, "tokens": 512 * s} | val)
     (path / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in events) + '{"torn')
 
 
@@ -37,6 +38,7 @@ def test_one_run(tmp_path: Path, capsys):
         assert (tmp_path / "run" / "report" / png).stat().st_size > 10_000
     out = capsys.readouterr().out
     assert "best val" in out and "4.4000" in out  # final train loss 5 - 0.1 * 6
+    assert "best bpb" in out and "6.4000" in out  # the last eval's: 7 - 0.1 * 6
 
 
 def test_sweep_dir_is_expanded_and_runs_labelled_by_their_overrides(tmp_path: Path, capsys):
