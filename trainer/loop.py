@@ -152,7 +152,8 @@ def fit(run: Run, sink: MetricsSink) -> None:
         run.peak,
     )
     clip = GradClip(cfg.optim.grad_clip) if clips_in_trainer(cfg.engine) else None
-    byte_lengths = token_byte_lengths(run.data.tokenizer)  # for validation's bits per byte
+    tok = run.data.tokenizer
+    byte_lengths = token_byte_lengths(tok) if cfg.eval_every and tok is not None else None  # for val_bpb
 
     def before_optimizer() -> None:
         meter.optimizer_start()
@@ -191,14 +192,15 @@ def fit(run: Run, sink: MetricsSink) -> None:
             meter.add_checkpoint(save_checkpoint(run, sink, control))
         if control.stop_requested and not last:
             stop.ignore_further()
-            raise Preempted(f"stopped on request after step {state.step}; a restart resumes from there")
+            msg = f"stopped on request after step {state.step}; a restart resumes from there"
+            raise Preempted(msg, stop.received)
     profiler.close()
     # Only now: while stopping, a further signal must meet our handler, not the default action
     # (which would kill the process and lose the requeue exit code).
     stop.restore()
 
 
-def log_eval(run: Run, sink: MetricsSink, byte_lengths: torch.Tensor) -> None:
+def log_eval(run: Run, sink: MetricsSink, byte_lengths: torch.Tensor | None) -> None:
     """Validation with the function `python -m trainer.eval` uses, so the two agree exactly."""
     cfg, state = run.cfg, run.state
     micro, device = cfg.micro_batch_size, run.dist.device

@@ -151,8 +151,7 @@ def summary(runs: list[RunData]) -> str:
     rows = [("run", "steps", "tokens", "loss", "best val", "best bpb", "tok/s", "MFU %")]
     for run in runs:
         last = run.train[-1] if run.train else {}
-        val = min((e["val_loss"] for e in run.evals), default=math.nan)
-        bpb = min((e["val_bpb"] for e in run.evals if e.get("val_bpb") is not None), default=math.nan)
+        val, bpb = (_best([e.get(key) for e in run.evals]) for key in ("val_loss", "val_bpb"))
         mfu = _median([100 * e["mfu"] for e in run.train if e.get("mfu") is not None])
         tps = _median([e["tokens_per_s"] for e in run.train[1:] or run.train])  # step 1 includes warm-up
         loss = last.get("loss", math.nan)
@@ -165,6 +164,11 @@ def summary(runs: list[RunData]) -> str:
         for r in rows
     ]
     return "\n".join(lines)
+
+
+def _best(xs: list[float | None]) -> float:
+    """The lowest finite value; NaN when there is none (min over NaNs depends on their order)."""
+    return min((x for x in xs if x is not None and math.isfinite(x)), default=math.nan)
 
 
 def _median(xs: list[float]) -> float:

@@ -7,13 +7,17 @@ import signal
 
 log = logging.getLogger("trainer")
 
-# The trainer saved a checkpoint because it was asked to stop (SIGTERM / SIGUSR1) and expects
-# to be started again: slurm/train.sbatch requeues the job on this code and on no other.
+# The trainer saved a checkpoint because it was asked to stop (SIGTERM / SIGUSR1 / SIGUSR2) and
+# expects to be started again: slurm/train.sbatch requeues the job on this code and on no other.
 EXIT_REQUEUE = 85
 
 
 class Preempted(Exception):
     """Raised at a step boundary after the checkpoint was saved; the entry point exits EXIT_REQUEUE."""
+
+    def __init__(self, message: str, signum: int | None = None) -> None:
+        super().__init__(message)
+        self.signum = signum  # the signal this rank received; None: another rank was asked
 
 
 class StopSignal:

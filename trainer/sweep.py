@@ -16,8 +16,10 @@ import argparse
 import csv
 import io
 import json
+import logging
 import math
 import os
+import signal
 import statistics
 import subprocess
 import sys
@@ -27,6 +29,8 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
+
+log = logging.getLogger("trainer")
 
 # configs/train.yaml: run_dir: ${oc.env:TRAINER_SWEEP_RUN_DIR,runs/${name}}
 RUN_DIR_ENV = "TRAINER_SWEEP_RUN_DIR"
@@ -65,22 +69,44 @@ class SweepMember(Callback):
         os.environ.pop(RUN_DIR_ENV, None)  # the basic launcher runs the next member in this process
 
 
-def requeue_submitit_member() -> str | None:
-    """Requeue this SLURM sweep member's job (from its rank 0), after it saved on a stop request.
+# submitit's local controller starts a job's tasks again when one exits with this code.
+SUBMITIT_LOCAL_REQUEUE = 144
+MAX_REQUEUES = 50  # per SLURM job, as in slurm/train.sbatch: a member that cannot progress stops
 
-    What slurm/train.sbatch does for a plain job: the job starts again, its member resumes from
-    that checkpoint in its run dir and finishes, and the sweep command keeps waiting for it.
-    Returns the job id requeued; None outside a submitit SLURM job and on other ranks.
+
+def exit_code_after_stop(signum: int | None, default: int) -> int:
+    """The exit code of a process that saved because it was asked to stop (``signum``: the signal
+    this rank got), and, for a submitit sweep member stopped by submitit's time-limit signal (USR2),
+    what starts the member again so it resumes from that checkpoint: under SLURM, rank 0 requeues
+    the job (as slurm/train.sbatch does); locally, the exit code asks submitit's controller to.
+    Any other stop (scancel's SIGTERM, a user's kill) leaves with ``default``: the member resumes
+    when the same sweep runs again.
     """
-    if os.environ.get("SUBMITIT_EXECUTOR") != "slurm":
-        return None
+    executor = os.environ.get("SUBMITIT_EXECUTOR")
+    if executor not in ("slurm", "local") or signum is None:
+        return default
     from submitit import JobEnvironment
 
+    if signum != getattr(signal, "SIG" + JobEnvironment.USR_SIG, None):
+        return default
+    if executor == "local":
+        return SUBMITIT_LOCAL_REQUEUE
     job = JobEnvironment()
     if job.global_rank != 0:
-        return None
-    subprocess.run(["scontrol", "requeue", job.job_id], check=True, capture_output=True, timeout=60)
-    return job.job_id
+        return default
+    restarts = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
+    if restarts >= MAX_REQUEUES:
+        log.warning("sweep member job %s was requeued %d times already: not again", job.job_id, restarts)
+        return default
+    cmd = ["scontrol", "requeue", job.job_id]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        reason = (getattr(e, "stderr", None) or str(e)).strip()
+        log.error("`%s` failed (%s): run the same sweep again to resume the member", " ".join(cmd), reason)
+        return default
+    log.warning("requeued SLURM job %s: the sweep member resumes from its checkpoint", job.job_id)
+    return default
 
 
 @dataclass
@@ -103,11 +129,10 @@ class Member:
         return f"stopped {self.step}/{self.total_steps}"  # running, preempted or failed
 
     def score(self, by_bpb: bool = False) -> float:
-        """Lower is better: validation bits per byte (``by_bpb``) or loss when there is one, else
-        train loss; NaN last."""
-        val = self.val_bpb if by_bpb else self.val_loss
-        loss = val if val is not None else self.train_loss
-        return math.inf if loss is None or math.isnan(loss) else loss
+        """Lower is better: validation bits per byte (``by_bpb``: members without it last), or
+        validation loss, else train loss; NaN last."""
+        value = self.val_bpb if by_bpb else self.val_loss if self.val_loss is not None else self.train_loss
+        return math.inf if value is None or math.isnan(value) else value
 
 
 def find_members(sweep_dir: Path) -> list[Path]:
@@ -234,8 +259,10 @@ def summarize(sweep_dir: Path) -> tuple[list[dict[str, str]], list[str]]:
             "pass the sweep dir, e.g. runs/sweeps/<name>"
         )
     common = split_overrides(members)
-    # by bits per byte when every member has it: members may differ in tokenizer (older runs lack it)
-    by_bpb = all(m.val_bpb is not None for m in members)
+    # By bits per byte when every member that evaluated logged it: members may differ in tokenizer
+    # (runs from before val_bpb lack it).
+    evaluated = [m for m in members if m.val_loss is not None]
+    by_bpb = bool(evaluated) and all(m.val_bpb is not None for m in evaluated)
     members.sort(key=lambda m: m.score(by_bpb))  # stable: ties keep job order
     return table(members), common
 

@@ -7,7 +7,6 @@ copy with every rank through the run directory, then hand each builder its secti
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -91,23 +90,10 @@ def _hydra_main(cfg: DictConfig) -> None:
     except (TrainingHalted, CheckpointError) as e:
         fail(str(e), 1)  # the run stopped itself: not bad input
     except Preempted as e:
+        from trainer.sweep import exit_code_after_stop
+
         print(f"preempted: {e}", file=sys.stderr)
-        requeue_sweep_member()
-        sys.exit(EXIT_REQUEUE)
-
-
-def requeue_sweep_member() -> None:
-    from trainer.sweep import requeue_submitit_member
-
-    try:
-        job = requeue_submitit_member()
-    except (OSError, subprocess.SubprocessError) as e:
-        err = getattr(e, "stderr", None) or e
-        print(f"could not requeue the sweep member's SLURM job ({str(err).strip()}): run the sweep again "
-              "to resume it", file=sys.stderr)  # fmt: skip
-        return
-    if job is not None:
-        print(f"requeued SLURM job {job}: the sweep member resumes from its checkpoint", file=sys.stderr)
+        sys.exit(exit_code_after_stop(e.signum, EXIT_REQUEUE))  # a sweep member may requeue itself
 
 
 def main() -> None:

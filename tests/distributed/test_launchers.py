@@ -1,18 +1,21 @@
 """The launchers outside SLURM: launch/torchrun.sh on one and on two "nodes" (one machine, c10d
-rendezvous), `accelerate launch`, SIGUSR1 to the launcher, a local sweep, and bad input."""
+rendezvous), `accelerate launch`, SIGUSR1 to the launcher, local sweeps (a member restarted after
+submitit's time-limit signal), and bad input."""
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import pytest
 import yaml
 
-from tests.helpers import assert_ok, run_module
+from tests.helpers import assert_ok, kill_group, run_module
 from tests.launch_helpers import (
     EXIT_REQUEUE,
     REPO,
@@ -130,6 +133,36 @@ def test_local_sweep_runs_every_member_in_its_own_dir_and_summarizes(tmp_path, e
     # A single run still goes to runs/<name>.
     assert_ok(run_module("trainer.train", ["debug=fast", "max_steps=1"], tmp_path, env))
     assert (tmp_path / "runs" / "default" / "metrics.jsonl").is_file()
+
+
+def test_a_submitit_local_member_restarts_on_its_time_limit_signal(tmp_path, env):
+    """hydra/launcher=local: USR2 (what submitit's local controller sends before the time limit)
+    to the member's task: it saves, its controller starts it again, and it finishes from there."""
+    steps = 60
+    args = ["-m", "hydra/launcher=local", "name=loc", "debug=fast", f"max_steps={steps}", "eval_every=30",
+            "checkpoint.every_steps=0", "optim.lr=1e-3"]  # fmt: skip
+    cmd = [sys.executable, "-m", "trainer.train", *args]
+    pipe = subprocess.PIPE
+    proc = subprocess.Popen(
+        cmd, cwd=tmp_path, env=env, text=True, stdout=pipe, stderr=pipe, start_new_session=True
+    )
+    member = tmp_path / "runs" / "sweeps" / "loc" / "0"
+    try:
+        wait_for(lambda: len(train_steps(member)) >= 3, 120, "the sweep member training")
+        task = subprocess.run(
+            ["pgrep", "-f", f"submitit.core._submit {tmp_path}"], capture_output=True, text=True
+        ).stdout.split()
+        assert len(task) == 1, task  # the member's one task (its controller runs another module)
+        os.kill(int(task[0]), signal.SIGUSR2)
+        out, err = proc.communicate(timeout=300)
+    except BaseException:
+        kill_group(proc)
+        raise
+    assert proc.returncode == 0, (out + err)[-5000:]
+    logs = "".join(p.read_text() for p in sorted((member.parent / ".submitit").glob("*/*_log.*")))
+    resumed = re.findall(r"resumed from \S+ at step (\d+)", logs)
+    assert len(resumed) == 1 and 0 < int(resumed[0]) < steps, logs[-5000:]
+    assert train_steps(member) == list(range(1, steps + 1))  # every step once
 
 
 def test_sweep_summary_of_a_missing_dir_says_so(tmp_path, env):

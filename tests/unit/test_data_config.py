@@ -133,3 +133,15 @@ def test_vocab_smaller_than_the_tokenizer_names_the_key(datasets):
     assert resolve_vocab(ModelConfig(), data.vocab_size).vocab_size == 257
     with pytest.raises(ConfigError, match="model.vocab_size=100 is smaller than the tokenizer's 257 ids"):
         resolve_vocab(ModelConfig(vocab_size=100), data.vocab_size)
+
+
+def test_a_dataset_without_its_tokenizer_still_trains_without_bits_per_byte(datasets, tmp_path, caplog):
+    import shutil
+
+    copy = tmp_path / "notok"
+    shutil.copytree(datasets["a"], copy)
+    shutil.rmtree(copy / "tokenizer")
+    data = build(DataConfig(path=str(copy), seq_len=SEQ), rank=0, world=1)
+    assert data.tokenizer is None and data.vocab_size == 257  # the manifest still says
+    assert "validation reports no bits per byte" in caplog.text
+    assert next(iter(data.train))["tokens"].shape == (6, SEQ + 1)  # global batch 6 on one rank

@@ -1,11 +1,13 @@
-"""The sweep summary's ranking: bits per byte when every member has it, else validation loss."""
+"""The sweep summary's ranking (bits per byte when every member that evaluated has it, else validation
+loss), and which stop requests start a submitit member again."""
 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
-from trainer.sweep import summarize
+from trainer.sweep import SUBMITIT_LOCAL_REQUEUE, exit_code_after_stop, summarize
 
 
 def _member(sweep: Path, num: int, override: str, val_loss: float, val_bpb: float | None) -> None:
@@ -34,3 +36,23 @@ def test_without_bits_per_byte_on_every_member_the_loss_ranks(tmp_path: Path):
     rows, _ = summarize(tmp_path)
     assert [r["overrides"] for r in rows] == ["optim.lr=0.1", "optim.lr=0.2"]
     assert rows[0]["val_bpb"] == ""
+
+
+def test_a_member_that_never_evaluated_does_not_switch_the_ranking_to_loss(tmp_path: Path):
+    _member(tmp_path, 0, "data=bytes", val_loss=1.0, val_bpb=1.44)
+    _member(tmp_path, 1, "data=bpe", val_loss=3.0, val_bpb=1.10)
+    crashed = tmp_path / "2"
+    (crashed / ".hydra").mkdir(parents=True)
+    (crashed / ".hydra" / "overrides.yaml").write_text("- data=chars\n")
+    rows, _ = summarize(tmp_path)
+    assert [r["overrides"] for r in rows] == ["data=bpe", "data=bytes", "data=chars"]
+    assert rows[-1]["status"] == "no metrics"
+
+
+def test_only_submitits_time_limit_signal_starts_a_member_again(monkeypatch):
+    monkeypatch.delenv("SUBMITIT_EXECUTOR", raising=False)
+    assert exit_code_after_stop(signal.SIGUSR2, 85) == 85  # not a submitit job: the launcher decides
+    monkeypatch.setenv("SUBMITIT_EXECUTOR", "local")
+    assert exit_code_after_stop(signal.SIGUSR2, 85) == SUBMITIT_LOCAL_REQUEUE  # its controller restarts it
+    assert exit_code_after_stop(signal.SIGTERM, 85) == 85  # a kill: stopped, resumed by the next sweep
+    assert exit_code_after_stop(None, 85) == 85  # another rank was signalled

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -10,9 +11,12 @@ from typing import Any, Callable, Iterator
 import torch
 
 from trainer.config import ConfigError, DataConfig
+from trainer.data import DataError
 from trainer.data.loader import ShardLoader, load_manifest
 from trainer.data.prepare import MANIFEST, TOKENIZER_DIR, prepare_builtin
 from trainer.data.tokenizer import Tokenizer, load_tokenizer
+
+log = logging.getLogger("trainer")
 
 
 class RecordingLoader:
@@ -56,7 +60,7 @@ class Data:
     train: ShardLoader | RecordingLoader
     val: ShardLoader
     vocab_size: int
-    tokenizer: Tokenizer  # the dataset's, saved beside its shards
+    tokenizer: Tokenizer | None  # the dataset's, saved beside its shards (None: missing there)
     tokenizer_source: str = ""  # the manifest whose tokenizer sets vocab_size (for error messages)
 
 
@@ -115,6 +119,15 @@ def build_data(
         recorded or train,
         loader("val", False),
         first.manifest["tokenizer"]["vocab_size"],
-        load_tokenizer(first.dir / TOKENIZER_DIR),
+        _dataset_tokenizer(first.dir),
         str(first.dir / MANIFEST),
     )
+
+
+def _dataset_tokenizer(dataset_dir: Path) -> Tokenizer | None:
+    """For validation's bits per byte only: training reads token ids, so it goes on without it."""
+    try:
+        return load_tokenizer(dataset_dir / TOKENIZER_DIR)
+    except DataError as e:
+        log.warning("%s; validation reports no bits per byte", e)
+        return None
