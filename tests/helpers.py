@@ -16,16 +16,22 @@ SHORT_RUN = ["debug=fast", "max_steps=8", "eval_every=4", "global_batch_size=8",
              "checkpoint.every_steps=0"]  # fmt: skip
 
 
+def start_module(module: str, args: list[str], cwd: Path, env: dict[str, str]) -> subprocess.Popen:
+    """Start ``python -m module args`` in its own process group (``kill_group`` ends it all), text
+    output captured."""
+    pipe = subprocess.PIPE
+    cmd = [sys.executable, "-m", module, *args]
+    return subprocess.Popen(
+        cmd, cwd=cwd, env=env, text=True, stdout=pipe, stderr=pipe, start_new_session=True
+    )
+
+
 def run_module(module: str, args: list[str], cwd: Path, env: dict[str, str], timeout: int = 600):
     """Run ``python -m module args`` and return the CompletedProcess (text output captured).
 
     On a timeout the whole process group dies (torchrun's workers too), then the test fails.
     """
-    pipe = subprocess.PIPE
-    cmd = [sys.executable, "-m", module, *args]
-    proc = subprocess.Popen(
-        cmd, cwd=cwd, env=env, text=True, stdout=pipe, stderr=pipe, start_new_session=True
-    )
+    proc = start_module(module, args, cwd, env)
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -9,13 +9,12 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 
 import pytest
 import yaml
 
-from tests.helpers import assert_ok, kill_group, run_module
+from tests.helpers import assert_ok, kill_group, run_module, start_module
 from tests.launch_helpers import (
     EXIT_REQUEUE,
     REPO,
@@ -141,11 +140,7 @@ def test_a_submitit_local_member_restarts_on_its_time_limit_signal(tmp_path, env
     steps = 60
     args = ["-m", "hydra/launcher=local", "name=loc", "debug=fast", f"max_steps={steps}", "eval_every=30",
             "checkpoint.every_steps=0", "optim.lr=1e-3"]  # fmt: skip
-    cmd = [sys.executable, "-m", "trainer.train", *args]
-    pipe = subprocess.PIPE
-    proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=env, text=True, stdout=pipe, stderr=pipe, start_new_session=True
-    )
+    proc = start_module("trainer.train", args, tmp_path, env)
     member = tmp_path / "runs" / "sweeps" / "loc" / "0"
     try:
         wait_for(lambda: len(train_steps(member)) >= 3, 120, "the sweep member training")

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import csv
 import re
-import subprocess
-import sys
 
 import pytest
 import yaml
 
-from tests.helpers import assert_ok, kill_group, run_module
+from tests.helpers import assert_ok, kill_group, run_module, start_module
 from tests.launch_helpers import job_info, losses, slurm, train_steps, wait_for
 
 pytestmark = pytest.mark.slurm
@@ -70,11 +68,7 @@ def test_a_signalled_member_saves_requeues_itself_and_ends_like_an_uninterrupted
         "checkpoint.every_steps=0",  # the only checkpoint before the end: the one the signal asks for
         "seed=0,0",
     ]
-    cmd = [sys.executable, "-m", "trainer.train", *args]
-    pipe = subprocess.PIPE
-    proc = subprocess.Popen(
-        cmd, cwd=tmp_path, env=slurm_env, text=True, stdout=pipe, stderr=pipe, start_new_session=True
-    )
+    proc = start_module("trainer.train", args, tmp_path, slurm_env)
     sweep = tmp_path / "runs" / "sweeps" / "pre"
     try:
         wait_for(lambda: len(train_steps(sweep / "0")) >= 3, 180, "sweep member 0 training")
