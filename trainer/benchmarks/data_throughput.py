@@ -17,16 +17,22 @@ labelled as such, and the faster of the two is used).
 
 Batch sizes: 16 is the default config's global batch; 256-4096 are usual GPT global batches
 (33k-524k tokens at seq 128). Where the 0.5x target stands (medians of 5, README for the figures):
-met from storage, with sha256 off at every batch size (0.57-0.84x) and on from batch 256 up
-(0.55-0.61x; 0.44x at 16); not met from the page cache (sha256 off 0.15-0.28x, on 0.11-0.18x). The
-loader reads two shards of a window at once, the raw read one stream. Why not from the page cache:
-per sample the loader spends ~1 us of CPU where the raw read spends ~0.15-0.2 (a kernel copy of the
-1,025-byte tar record): the same copy, then checking the tar header, copying the 258-byte payload
-into the window, the shuffled gather (~70-100 ns: random rows), widening to int32, and Python's
-share; two cores then cap it near 1.4-1.8M samples/s. sha256 adds ~0.75 us per sample (1.3 GB/s
-per core, with SHA-NI). Batch 16 went from 0.04x to 0.15x (page cache) and 0.14x to 0.57x (disk)
-once batches crossed from the prefetch thread in chunks; reading into a page-aligned buffer keeps
-the loader's window reads from running 2x slower when malloc happens to return a misaligned one.
+met from storage at every batch size, sha256 on or off (0.53-0.99x in two runs on 2026-12-01); not
+met from the page cache (sha256 off 0.09-0.21x, on 0.07-0.13x; raw 7-10 GB/s, ~120 ns a sample).
+The loader reads two shards of a window at once, the raw read one stream. Why not from the page
+cache: 0.5x leaves ~240 ns of wall time per sample on two cores, and reading the shards alone (two
+threads, no gathering) takes ~280. Per sample the loader spends ~800 ns of CPU over its threads where
+the raw read spends ~120 (a kernel copy of the 1,025-byte tar record): the same copy, then checking
+the tar header (80-100 ns: numpy's per-row cost on these VMs), copying the 258-byte payload into the
+window, the shuffled gather and widening to int32, first-touch page faults of each fresh window and
+batch array (~0.5-1 us per 4 KB page here), and GIL hand-offs. sha256 adds ~0.75 us per sample
+(1.3 GB/s per core, with SHA-NI). Tried without reaching 0.5x: a C reader and gather through ctypes
+with the GIL released (2.1-2.9M samples/s, 0.25-0.35x), two reader processes filling shared memory
+(0.24-0.35x), mmap instead of read (mapping the cached pages alone costs ~120 ns a sample), numba
+kernels and word-wise header checks (at best 65 vs 80 ns a header). Batch 16 went from 0.04x to
+0.15x (page cache) and 0.14x to 0.57x (disk) once batches crossed from the prefetch thread in
+chunks; reading into a page-aligned buffer keeps the loader's window reads from running 2x slower
+when malloc happens to return a misaligned one.
 """
 
 from __future__ import annotations
