@@ -57,6 +57,10 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found) if (p / COMPLETE).is_file()]
 
 
+def _step(step_dir: Path) -> int:
+    return int(step_dir.name.split("-")[1])  # a name complete_checkpoints matched: step-<N>
+
+
 def save(
     engine, run_dir: Path, step: int, trainer_state: dict[str, Any], dist: DistInfo, keep_last: int
 ) -> float:
@@ -68,6 +72,7 @@ def save(
         return 0.0
     if dist.is_main:
         shutil.rmtree(partial, ignore_errors=True)  # left by a save that died
+        shutil.rmtree(final, ignore_errors=True)  # no COMPLETE: left by a deletion that died
         partial.mkdir(parents=True)
     barrier()
     try:
@@ -97,6 +102,7 @@ def save(
 
 def _prune(root: Path, keep_last: int) -> None:
     for old in complete_checkpoints(root)[:-keep_last]:
+        (old / COMPLETE).unlink()  # first: a deletion cut short must not leave one that looks complete
         shutil.rmtree(old)
     for stale in root.glob("step-*.partial"):
         shutil.rmtree(stale, ignore_errors=True)  # only rank 0 saves, and it just finished
@@ -122,6 +128,22 @@ def resume_dir(cfg: CheckpointConfig, run_dir: Path) -> Path | None:
         if p not in complete and (m is None or int(m.group(1)) > newest):
             log.warning("skipping incomplete checkpoint %s (its save did not finish)", p)
     return complete[-1] if complete else None
+
+
+def check_start(run_dir: Path, step_dir: Path | None, resume: str) -> None:
+    """Refuse to start a run below complete checkpoints already in its run_dir.
+
+    Its saves would collide with them: one at a step they hold would be skipped, older ones would
+    be pruned first (keep_last counts by step), and auto-resume would later pick theirs.
+    """
+    start = -1 if step_dir is None else json.loads((step_dir / STATE).read_text())["trainer"]["step"]
+    later = [p.name for p in complete_checkpoints(checkpoint_root(run_dir)) if _step(p) > start]
+    if later:
+        raise ConfigError(
+            f"checkpoint.resume={resume}: run_dir={run_dir} already holds later checkpoints "
+            f"({', '.join(later)}) that this run would overwrite and prune: use a new run_dir "
+            "(checkpoint.resume can point into this one), or move them away"
+        )
 
 
 def saved_world_size(step_dir: Path) -> int:
@@ -151,7 +173,14 @@ def load(engine, step_dir: Path, dist: DistInfo, universal: bool = False) -> dic
     """Restore engine (weights, optimizer, LR schedule) and this rank's RNG; return the trainer state."""
     load_dir, tag = (step_dir, UNIVERSAL) if universal else (step_dir.parent, step_dir.name)
     groups = _group_hyperparameters(engine)
-    path, _ = engine.load_checkpoint(str(load_dir), tag=tag)
+    try:
+        path, _ = engine.load_checkpoint(str(load_dir), tag=tag)
+    except Exception as e:  # e.g. another model size (missing keys) or ZeRO stage (no optimizer shards)
+        raise ConfigError(
+            f"checkpoint.resume: {step_dir} does not fit this run's model or engine ({type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}): resume with the "
+            "model.* and engine settings it was saved with, or start a new run_dir"
+        ) from e
     if path is None:
         raise ConfigError(f"checkpoint.resume: DeepSpeed found no engine state in {step_dir}")
     if universal:

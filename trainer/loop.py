@@ -35,6 +35,7 @@ class TrainState:
     tokens: int = 0
     skipped_steps: int = 0
     wandb_id: str | None = None
+    loss_window: list[float] = dataclasses.field(default_factory=list)  # the spike guard's recent losses
 
     def state_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -42,6 +43,7 @@ class TrainState:
     def load_state_dict(self, d: dict[str, Any]) -> None:
         self.step, self.tokens, self.wandb_id = d["step"], d["tokens"], d.get("wandb_id")
         self.skipped_steps = d.get("skipped_steps", 0)
+        self.loss_window = d.get("loss_window", [])
 
 
 def resolve_vocab(cfg: ModelConfig, tokenizer_vocab: int) -> ModelConfig:
@@ -71,7 +73,9 @@ class Run:
 
 def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
     """Data, model, engine, then the newest checkpoint (if resuming): ready to step."""
-    # First: on CPU the peak is measured, and the loader's threads or W&B's process would steal
+    step_dir = checkpoint.resume_dir(cfg.checkpoint, Path(cfg.run_dir))
+    checkpoint.check_start(Path(cfg.run_dir), step_dir, cfg.checkpoint.resume)
+    # Then: on CPU the peak is measured, and the loader's threads or W&B's process would steal
     # cores from the measurement (a low peak reads as MFU > 100%).
     peak = device_peak(dist.device, cfg.engine.precision, cfg.perf.peak_tflops)
     torch.manual_seed(cfg.seed)
@@ -89,7 +93,6 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
         world_size=dist.world_size,
         total_steps=total_steps,
     )
-    step_dir = checkpoint.resume_dir(cfg.checkpoint, Path(cfg.run_dir))
     # On another world size, ZeRO's partitioned optimizer state goes through DeepSpeed's
     # universal checkpoint (converted once); unpartitioned ZeRO-0 state loads as it is.
     universal = (
@@ -106,14 +109,24 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
             checkpoint.universal_dir(step_dir, dist)
         saved = checkpoint.load(engine, step_dir, dist, universal=universal)
         state.load_state_dict(saved["trainer"])
-        data.train.load_state_dict(saved["loader"])
+        try:
+            data.train.load_state_dict(saved["loader"])
+        except ValueError as e:  # a data setting that fixes the sample order changed
+            raise ConfigError(
+                f"checkpoint.resume: {step_dir}: {e}: set data.seed, data.shuffle_window and the "
+                "data.sources weights as that run had them, or start a new run_dir"
+            ) from None
         log.info("resumed from %s at step %d", step_dir, state.step)
     return Run(cfg, dist, engine, data, state, total_steps, peak)
 
 
-def train(cfg: TrainConfig, dist: DistInfo, resolved_config: dict[str, Any]) -> Run:
-    """Run (or continue) the training run described by ``cfg``."""
-    run = build_run(cfg, dist)
+def train(run: Run, resolved_config: dict[str, Any], stop: StopSignal) -> None:
+    """Run (or continue) the built run to its end.
+
+    ``stop``: the entry point installs it before anything slow, so a stop request that comes while
+    the run is built (minutes for a large model) is acted on at the first step, not fatal.
+    """
+    cfg, dist = run.cfg, run.dist
     sink = open_sink(
         cfg.logger,
         Path(cfg.run_dir),
@@ -127,21 +140,21 @@ def train(cfg: TrainConfig, dist: DistInfo, resolved_config: dict[str, Any]) -> 
     try:
         if run.state.step >= run.total_steps:
             log.info("run already complete at step %d of %d; nothing to do", run.state.step, run.total_steps)
+            stop.restore()
         else:
-            fit(run, sink)
+            fit(run, sink, stop)
     except Preempted:
         sink.preempting()
         raise
     finally:
         sink.close()
-    return run
 
 
-def fit(run: Run, sink: MetricsSink) -> None:
+def fit(run: Run, sink: MetricsSink, stop: StopSignal) -> None:
     """Step until total_steps: fetch, forward/backward/step, then log / eval / save when due."""
     cfg, state = run.cfg, run.state
-    stop = StopSignal().install()
     control = StepControl(cfg.guard, run.dist, stop, save_every_s=60 * cfg.checkpoint.every_minutes)
+    control.window.extend(state.loss_window)  # the spike guard continues as if never stopped
     batches = iter(run.data.train)
     meter = build_meter(
         run.engine.module.cfg,
@@ -230,6 +243,7 @@ def record_skip(run: Run, sink: MetricsSink, control: StepControl, batch: dict[s
 
 
 def save_checkpoint(run: Run, sink: MetricsSink, control: StepControl) -> float:
+    run.state.loss_window = list(control.window)
     state = {"trainer": run.state.state_dict(), "loader": run.data.train.state_dict()}
     keep = run.cfg.checkpoint.keep_last
     seconds = checkpoint.save(run.engine, Path(run.cfg.run_dir), run.state.step, state, run.dist, keep)

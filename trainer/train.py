@@ -17,6 +17,8 @@ from omegaconf import DictConfig, OmegaConf
 from trainer.cli import fail, one_line_errors
 from trainer.config import ConfigError, TrainConfig, register_configs
 
+NEW_CONFIG = ".config.yaml.new"  # this start's resolved config, until the run is built
+
 
 def config_dir() -> str:
     """configs/ of a checkout (editable install) or trainer/configs inside an installed wheel."""
@@ -48,20 +50,33 @@ def prepare_run_dir(run_dir: Path) -> None:
 
 
 def share_config(cfg: DictConfig, run_dir: Path, is_main: bool) -> dict[str, Any]:
-    """Rank 0 writes the resolved config once; every rank then reads that same file."""
+    """Rank 0 writes the resolved config once; every rank then reads that same file.
+
+    It is written beside config.yaml and replaces it only once the run is built (`publish_config`):
+    eval and export read config.yaml to rebuild the run's checkpoints, so a start that is refused
+    (another model, an older checkpoint) must leave it as it was.
+    """
     from trainer.distributed import barrier
 
-    path = run_dir / "config.yaml"
+    path = run_dir / NEW_CONFIG
     if is_main:
-        tmp = path.with_suffix(".yaml.tmp")
+        tmp = path.with_suffix(".tmp")
         tmp.write_text(OmegaConf.to_yaml(cfg, resolve=True))
         os.replace(tmp, path)
     barrier()
     return OmegaConf.to_container(OmegaConf.load(path), resolve=True)  # type: ignore[return-value]
 
 
+def publish_config(run_dir: Path, is_main: bool) -> None:
+    if is_main:
+        os.replace(run_dir / NEW_CONFIG, run_dir / "config.yaml")
+
+
 def run(cfg: DictConfig) -> None:
     typed = to_typed(cfg)  # validation errors stop the run here, before any process group
+    from trainer.signals import StopSignal
+
+    stop = StopSignal().install()  # from here on a stop request (preemption) is acted on, not fatal
     import torch
 
     if typed.engine.precision == "fp16" and not torch.cuda.is_available():
@@ -69,13 +84,15 @@ def run(cfg: DictConfig) -> None:
     prepare_run_dir(Path(typed.run_dir))
 
     from trainer.distributed import init_distributed
-    from trainer.loop import train
+    from trainer.loop import build_run, train
     from trainer.metrics import setup_console_logging
 
     dist = init_distributed()
     setup_console_logging(dist.rank)
     resolved = share_config(cfg, Path(typed.run_dir), dist.is_main)
-    train(to_typed(OmegaConf.create(resolved)), dist, resolved)
+    built = build_run(to_typed(OmegaConf.create(resolved)), dist)
+    publish_config(Path(typed.run_dir), dist.is_main)
+    train(built, resolved, stop)
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")

@@ -21,6 +21,7 @@ from trainer.data import to_device
 from trainer.distributed import init_distributed
 from trainer.loop import build_run, fit
 from trainer.metrics import MetricsSink
+from trainer.signals import StopSignal
 from trainer.train import config_dir, to_typed
 
 
@@ -42,7 +43,7 @@ def main() -> None:
     dist = init_distributed()
     run = build_run(cfg, dist)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    fit(run, MetricsSink(Path(cfg.run_dir) if dist.is_main else None))
+    fit(run, MetricsSink(Path(cfg.run_dir) if dist.is_main else None), StopSignal().install())
 
     batch = next(iter(run.data.val))  # this rank's slice; every rank scores rank 0's slice below
     tokens = batch["tokens"]  # [G/W, T + 1], contiguous: one broadcast, then inputs and labels

@@ -1,4 +1,4 @@
-"""Faults during training: a NaN loss (dropped or fatal), a full disk during a save, SIGUSR1."""
+"""Faults during training: a NaN loss (dropped or fatal), a loss spike, a full disk during a save, SIGUSR1."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.helpers import assert_ok, read_metrics, run_module
+from tests.helpers import assert_ok, read_metrics, run_module, start_module
 
 FAST = [
     "debug=fast",
@@ -95,3 +95,41 @@ def test_sigusr1_saves_and_exits_with_the_requeue_code(tmp_path, cli_env):
     (step_dir,) = (tmp_path / "out" / "checkpoints").glob("step-*")
     assert (step_dir / "COMPLETE").is_file()
     assert int(step_dir.name.split("-")[1]) < 400
+
+
+def test_a_stop_request_while_the_run_is_built_saves_at_the_first_step_and_requeues(tmp_path, cli_env):
+    """SLURM may preempt a job while it is still building the model (minutes for a large one)."""
+    proc = start_module("trainer.train", [*FAST, "max_steps=400", "run_dir=out"], tmp_path, cli_env)
+    config = tmp_path / "out" / ".config.yaml.new"  # written just before the run is built
+    deadline = time.monotonic() + 120
+    while not config.is_file():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGUSR1)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 85, err[-2000:]
+    (step_dir,) = (tmp_path / "out" / "checkpoints").glob("step-*")
+    assert step_dir.name == "step-1" and (step_dir / "COMPLETE").is_file()
+
+
+def _steps(run_dir) -> list[tuple[int, float]]:
+    return [(e["step"], e["loss"]) for e in read_metrics(run_dir)]
+
+
+def test_resume_keeps_the_spike_guards_recent_losses(tmp_path, cli_env):
+    """The guard's window is in the checkpoint: resumed at step 4, the run drops the same steps
+    and reaches the same losses as without the stop (with an empty window it would not drop 7)."""
+    args = [*FAST, "optim.lr=0.05", "guard.spike_k=0.01", "guard.spike_window=3", "guard.on_spike=skip",
+            "checkpoint.every_steps=4", "checkpoint.keep_last=5", "run_dir=out"]  # fmt: skip
+    (tmp_path / "whole").mkdir()
+    assert_ok(run_module("trainer.train", args, tmp_path / "whole", cli_env))
+    whole = tmp_path / "whole" / "out"
+    dropped = [e["step"] for e in read_metrics(whole, "skip")]
+    assert dropped and min(dropped) >= 7, dropped  # the window of steps 4-6 drops step 7
+    shutil.copytree(whole, tmp_path / "resumed" / "out")
+    shutil.rmtree(tmp_path / "resumed" / "out" / "checkpoints" / "step-8")
+    proc = run_module("trainer.train", args, tmp_path / "resumed", cli_env)
+    assert_ok(proc)
+    assert "resumed from" in proc.stderr
+    assert [e["step"] for e in read_metrics(tmp_path / "resumed" / "out", "skip")] == dropped
+    assert str(_steps(tmp_path / "resumed" / "out")) == str(_steps(whole))  # str: nan == nan

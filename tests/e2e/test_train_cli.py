@@ -75,6 +75,50 @@ def test_restart_resumes_and_finishes(tmp_path, cli_env, finished_run):
     assert steps == list(range(1, 13)) + [13, 14]
 
 
+def test_a_start_below_the_run_dirs_checkpoints_is_refused_and_changes_nothing(
+    tmp_path, cli_env, finished_run
+):
+    """Starting over (or from an older checkpoint) inside a run_dir with later checkpoints would
+    skip or prune its own saves among them; refused, and the way out the message names works."""
+    run_dir = tmp_path / "out"
+    shutil.copytree(finished_run[0], run_dir)
+    before = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    six = run_dir / "checkpoints" / "step-6"
+    for resume, later in (("none", "step-6, step-12"), (str(six), "step-12")):
+        proc = run_module(
+            "trainer.train", [*FAST, "run_dir=out", f"checkpoint.resume={resume}"], tmp_path, cli_env
+        )
+        err = _fails(proc, f"checkpoint.resume={resume}", f"({later})", "new run_dir")
+        assert proc.returncode == 2 and err.strip().count("\n") == 0, err
+    after = {p.relative_to(run_dir): p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    assert {k: v for k, v in after.items() if k.name != ".config.yaml.new"} == before  # config.yaml too
+
+    proc = run_module(
+        "trainer.train", [*FAST, "run_dir=branch", f"checkpoint.resume={six}"], tmp_path, cli_env
+    )
+    assert_ok(proc)
+    assert [e["step"] for e in read_metrics(tmp_path / "branch")] == list(range(7, 13))
+
+
+@pytest.mark.parametrize(
+    "override, needles",
+    [
+        ("data.seed=1", ["data.seed", "seed=0", "seed=1"]),
+        ("model.n_layer=3", ["does not fit this run's model", "model.*"]),
+    ],
+)
+def test_resume_under_another_data_order_or_model_is_one_line(
+    tmp_path, cli_env, finished_run, override, needles
+):
+    run_dir = tmp_path / "out"
+    shutil.copytree(finished_run[0], run_dir)
+    config = (run_dir / "config.yaml").read_bytes()
+    proc = run_module("trainer.train", [*FAST, "run_dir=out", "max_steps=14", override], tmp_path, cli_env)
+    err = _fails(proc, "checkpoint.resume", "step-12", *needles)
+    assert proc.returncode == 2 and err.strip().count("\n") == 0, err
+    assert (run_dir / "config.yaml").read_bytes() == config  # eval and export still rebuild the run's model
+
+
 def _fails(proc, *needles: str) -> str:
     assert proc.returncode != 0, proc.stdout
     for needle in needles:

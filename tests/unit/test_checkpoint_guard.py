@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 
 import pytest
 import torch
 
-from trainer.checkpoint import COMPLETE, STATE, resume_dir
+import trainer.checkpoint
+from trainer.checkpoint import COMPLETE, STATE, check_start, complete_checkpoints, resume_dir
 from trainer.config import CheckpointConfig, ConfigError, GuardConfig
 from trainer.distributed import DistInfo
 from trainer.guard import StepControl, TrainingHalted
@@ -52,6 +54,31 @@ def test_explicit_resume_path_must_be_complete(tmp_path):
     with pytest.raises(ConfigError, match="checkpoint.resume="):
         resume_dir(CheckpointConfig(resume=str(partial)), tmp_path)
     assert resume_dir(CheckpointConfig(resume=str(_step(tmp_path, 4))), tmp_path).name == "step-4"
+
+
+def test_a_start_below_complete_checkpoints_is_refused(tmp_path):
+    """Its saves would be skipped (same step) or pruned first (older), and auto-resume would pick theirs."""
+    six, twelve = _step(tmp_path, 6), _step(tmp_path, 12)
+    for d, step in ((six, 6), (twelve, 12)):
+        (d / STATE).write_text(json.dumps({"trainer": {"step": step}}))
+    with pytest.raises(ConfigError, match=r"checkpoint.resume=none: .*\(step-6, step-12\).*new run_dir"):
+        check_start(tmp_path, None, "none")
+    with pytest.raises(ConfigError, match=r"\(step-12\)"):
+        check_start(tmp_path, six, str(six))
+    check_start(tmp_path, twelve, "auto")  # the newest: nothing later
+    check_start(tmp_path / "elsewhere", six, str(six))  # a new run_dir may start from any checkpoint
+
+
+def test_a_prune_cut_short_leaves_no_checkpoint_that_looks_complete(tmp_path, monkeypatch):
+    old, new = _step(tmp_path, 2), _step(tmp_path, 4)
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt  # the process dies before the first file is deleted
+
+    monkeypatch.setattr(trainer.checkpoint.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.checkpoint._prune(tmp_path / "checkpoints", keep_last=1)
+    assert old.is_dir() and complete_checkpoints(tmp_path / "checkpoints") == [new]
 
 
 def _control(**guard) -> StepControl:
