@@ -71,6 +71,17 @@ def test_bad_input_is_one_line_naming_the_file_and_exit_2(tmp_path, cli_env, con
     assert not (tmp_path / "ds").exists()
 
 
+def test_glob_matching_a_broken_symlink_is_one_line_and_exit_2(tmp_path, cli_env):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.txt").write_text("a document that is long enough for a few samples")
+    (tmp_path / "in" / "b.txt").symlink_to(tmp_path / "in" / "gone.txt")
+    proc = prepare(tmp_path, cli_env, "inputs=[in/*.txt]", "out_dir=ds", "progress=false")
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith("error: ") and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "b.txt: matched by in/*.txt but not a readable file" in proc.stderr
+    assert not (tmp_path / "ds").exists()
+
+
 @pytest.mark.slow  # two trainer runs
 def test_trainer_on_a_mixture_of_prepared_datasets(prepared, corpus, tmp_path, cli_env):
     """A second dataset with the first one's tokenizer; 3:1 mixing; the vocab comes from the data."""

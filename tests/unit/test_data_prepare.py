@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import pickle
 import tarfile
 from pathlib import Path
 
@@ -13,7 +14,8 @@ import pytest
 
 from trainer.data import DataError
 from trainer.data.prepare import prepare_dataset
-from trainer.data.tokenizer import EOT_TEXT, load_tokenizer
+from trainer.data.readers import expand_inputs
+from trainer.data.tokenizer import EOT_TEXT, build_tokenizer, load_tokenizer, train_bpe
 
 DOCS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -198,8 +200,126 @@ def test_missing_path(tmp_path):
 def test_not_utf8_names_file(tmp_path):
     bad = tmp_path / "latin1.txt"
     bad.write_bytes("caf\xe9 au lait".encode("latin-1"))
-    with pytest.raises(DataError, match="latin1.txt: not UTF-8"):
+    with pytest.raises(
+        DataError, match=r"latin1\.txt:1: not UTF-8 text \(invalid continuation byte at byte 3\)"
+    ):
         prepare_dataset([bad], tmp_path / "ds", seq_len=4)
+
+
+@pytest.mark.parametrize("name", ["big.txt", "big.txt.gz"])
+def test_not_utf8_reports_the_line_and_byte_in_the_file(tmp_path, name):
+    data = b"a" * 20_000 + b"\n\nxx\xffyy\n"  # past the decoder's first chunk
+    (tmp_path / name).write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    with pytest.raises(DataError, match=rf"{name}:3: not UTF-8 text \(invalid start byte at byte 20004\)"):
+        prepare_dataset([tmp_path / name], tmp_path / "ds", seq_len=4)
+
+
+def test_corrupt_gz_names_file(tmp_path):
+    bad = tmp_path / "c.txt.gz"
+    bad.write_bytes(gzip.compress(b"some text\n" * 100)[:10] + b"garbage, not deflate data" * 10)
+    with pytest.raises(DataError, match=r"c\.txt\.gz: cannot read .*check the file"):
+        prepare_dataset([bad], tmp_path / "ds", seq_len=4)
+
+
+def test_jsonl_lone_surrogate_and_deep_nesting_name_file_and_line(tmp_path):
+    src = tmp_path / "bad.jsonl"
+    src.write_text('{"text": "fine"}\n{"text": "\\ud800abc"}\n')  # a \u escape of half a surrogate pair
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: field 'text' holds a lone surrogate"):
+        prepare_dataset([src], tmp_path / "ds", seq_len=4)
+    src.write_text('{"text": "fine"}\n' + "[" * 100_000 + "]" * 100_000 + "\n")
+    with pytest.raises(DataError, match=r"bad\.jsonl:2: not valid JSON"):
+        prepare_dataset([src], tmp_path / "ds", seq_len=4)
+
+
+def test_out_dir_that_is_a_file_fails_before_any_work(tmp_path):
+    src = write_text(tmp_path / "a.txt", DOCS)
+    (tmp_path / "ds").write_text("a file")
+    with pytest.raises(DataError, match=r"out_dir=.*ds is a file, not a directory"):
+        prepare_dataset([src], tmp_path / "ds", seq_len=4)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "ds"]  # no staging directory
+
+
+def test_glob_matching_a_broken_symlink_names_it(tmp_path):
+    write_text(tmp_path / "part0.txt", ["a document"])
+    (tmp_path / "part1.txt").symlink_to(tmp_path / "gone.txt")
+    with pytest.raises(DataError, match=r"part1\.txt: matched by .*part\*\.txt but not a readable file"):
+        expand_inputs([str(tmp_path / "part*.txt")])
+
+
+def wordlevel_json(path: Path, vocab: dict[str, int]) -> Path:
+    """A whitespace-split WordLevel tokenizer.json with end-of-text as a special token."""
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models, pre_tokenizers
+
+    hf = HFTok(models.WordLevel(vocab, unk_token="[UNK]"))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.add_special_tokens([EOT_TEXT])
+    hf.save(str(path))
+    return path
+
+
+def test_tokenizer_json_with_id_gaps_gets_every_id(tmp_path):
+    tok_json = wordlevel_json(tmp_path / "tok.json", {"[UNK]": 0, "a": 1, "b": 2, EOT_TEXT: 70000})
+    src = write_text(tmp_path / "a.txt", ["a b a", "b b a a"] * 5)
+    m = prepare_dataset([src], tmp_path / "ds", seq_len=4, tokenizer=tok_json, val_fraction=0.5)
+    assert m["tokenizer"]["vocab_size"] == 70001 and m["tokenizer"]["eot_id"] == 70000
+    assert m["dtype"] == "uint32"
+    stored = all_rows(tmp_path / "ds", m)
+    assert set(stored.tolist()) == {1, 2, 70000}  # end-of-text did not wrap around in uint16
+    assert load_tokenizer(tmp_path / "ds" / "tokenizer").vocab_size == 70001
+
+
+def test_tokenizer_json_truncation_and_padding_are_ignored(tmp_path):
+    hf = train_bpe(DOCS, 300).tok
+    eot = hf.token_to_id(EOT_TEXT)
+    expected = np.concatenate([hf.encode(d, add_special_tokens=False).ids + [eot] for d in DOCS])
+    hf.enable_truncation(max_length=8)  # as some published tokenizer.json files come
+    hf.enable_padding(length=12)
+    hf.save(str(tmp_path / "tok.json"))
+    src = write_text(tmp_path / "a.txt", DOCS)
+    m = prepare_dataset([src], tmp_path / "ds", seq_len=16, tokenizer=tmp_path / "tok.json", val_fraction=0.2)
+    stored = all_rows(tmp_path / "ds", m)
+    assert m["stats"]["tokens"] == len(expected) and np.array_equal(stored, expected[: len(stored)])
+    tok = load_tokenizer(tmp_path / "ds" / "tokenizer")
+    full = stored.tolist() + expected[len(stored) :].tolist()
+    assert tok.decode(full) == "".join(d + EOT_TEXT for d in DOCS)
+
+
+def test_literal_end_of_text_in_a_document_is_plain_text(tmp_path):
+    text = f"first part {EOT_TEXT} second part"
+    bpe = train_bpe(DOCS, 300)
+    saved = bpe.save(tmp_path / "bpe")
+    loaded = [bpe, load_tokenizer(saved), build_tokenizer(saved / "tokenizer.json", lambda: [])]
+    for tok in [*loaded, pickle.loads(pickle.dumps(bpe))]:  # pickled: as in prepare's worker processes
+        ids = tok.encode(text)
+        assert tok.eot_id not in ids and tok.decode(ids) == text
+        assert tok.eot_id not in tok.encode_batch([text])[0]
+    # Through prepare's workers: end-of-text only where a document ends, as with byte and char.
+    docs = [text, *DOCS[:3]] * 4
+    m = prepare_dataset([write_text(tmp_path / "a.txt", docs)], tmp_path / "ds", seq_len=8,
+                        tokenizer=saved, num_workers=2)  # fmt: skip
+    expected = np.concatenate([bpe.encode(d) + [bpe.eot_id] for d in docs])
+    stored = all_rows(tmp_path / "ds", m)
+    assert np.count_nonzero(expected == bpe.eot_id) == len(docs)
+    assert np.array_equal(stored, expected[: len(stored)])
+
+
+@pytest.mark.parametrize(
+    "config", ['{"kind": "char"}', '["char"]', '{"kind": "char", "chars": 3}', '{"kind": "bpe", "file": 1}']
+)
+def test_malformed_tokenizer_config_names_the_file(tmp_path, config):
+    (tmp_path / "tokenizer_config.json").write_text(config)
+    with pytest.raises(DataError, match=r"tokenizer_config\.json: .*prepare the data again"):
+        load_tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("num_workers", [1, 2])
+def test_char_tokenizer_unknown_character_names_the_input_file(tmp_path, num_workers):
+    prepare_dataset([write_text(tmp_path / "a.txt", DOCS)], tmp_path / "ds", seq_len=8, tokenizer="char")
+    new = write_text(tmp_path / "new.txt", ["only known letters here", "but an Ω here"])
+    with pytest.raises(DataError, match=r"new\.txt: character 'Ω' is not in the char tokenizer"):
+        prepare_dataset([new], tmp_path / "ds2", seq_len=8, tokenizer=tmp_path / "ds" / "tokenizer",
+                        num_workers=num_workers)  # fmt: skip
 
 
 def test_smallest_dataset_has_train_and_val(tmp_path):

@@ -25,6 +25,7 @@ import shutil
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -52,17 +53,20 @@ BUILTIN_VAL_FRACTION = 0.02
 
 
 def _batched(pieces: Iterator[tuple[str, bool]], counter: ReadCounter) -> Iterator[tuple[list, tuple]]:
-    """Batches of about _BATCH_CHARS characters, each with (documents it ends, input bytes read by then)."""
+    """Batches of about _BATCH_CHARS characters, each with (documents it ends, input bytes read by then,
+    the input files its text comes from)."""
     batch: list[tuple[str, bool]] = []
-    size = 0
+    size = first = 0
     for piece in pieces:
+        if not batch:
+            first = len(counter.files) - 1  # the file this piece was read from
         batch.append(piece)
         size += len(piece[0])
         if size >= _BATCH_CHARS:
-            yield batch, (sum(ends for _, ends in batch), counter.bytes)
+            yield batch, (sum(ends for _, ends in batch), counter.bytes, counter.files[first:])
             batch, size = [], 0
     if batch:
-        yield batch, (sum(ends for _, ends in batch), counter.bytes)
+        yield batch, (sum(ends for _, ends in batch), counter.bytes, counter.files[first:])
 
 
 def _encode(tokenizer: Tokenizer, batch: list[tuple[str, bool]]) -> np.ndarray:
@@ -87,12 +91,20 @@ def _encode_in_worker(batch: list[tuple[str, bool]]) -> np.ndarray:
     return _encode(_WORKER_TOKENIZER, batch)
 
 
+def _named(encoded: Callable[[], np.ndarray], files: list[Path]) -> np.ndarray:
+    """``encoded()``; a tokenizer's DataError (it sees only text) gets the batch's input files named."""
+    try:
+        return encoded()
+    except DataError as exn:
+        raise DataError(f"{_names(files)}: {exn}") from None
+
+
 def _token_chunks(
     tokenizer: Tokenizer, batches: Iterator[tuple[list, tuple]], num_workers: int
 ) -> Iterator[tuple[np.ndarray, tuple]]:
     """(ids, the batch's tag) in input order; with workers, at most 2 per worker in flight."""
     if num_workers <= 1:
-        yield from ((_encode(tokenizer, b), tag) for b, tag in batches)
+        yield from ((_named(partial(_encode, tokenizer, b), tag[2]), tag) for b, tag in batches)
         return
     with multiprocessing.Pool(num_workers, initializer=_init_worker, initargs=(tokenizer,)) as pool:
         pending: deque = deque()
@@ -100,10 +112,10 @@ def _token_chunks(
             pending.append((pool.apply_async(_encode_in_worker, (batch,)), tag))
             if len(pending) >= 2 * num_workers:
                 result, tag = pending.popleft()
-                yield result.get(), tag
+                yield _named(result.get, tag[2]), tag
         while pending:
             result, tag = pending.popleft()
-            yield result.get(), tag
+            yield _named(result.get, tag[2]), tag
 
 
 def _pack(
@@ -111,7 +123,7 @@ def _pack(
 ) -> Iterator[np.ndarray]:
     """Consecutive non-overlapping rows of ``sample_len`` tokens; the final partial row is dropped."""
     rest = np.zeros(0, np.int64)
-    for chunk, (documents, bytes_read) in chunks:
+    for chunk, (documents, bytes_read, _) in chunks:
         stats["tokens"] += len(chunk)
         stats["documents"] += documents
         report(bytes_read)
@@ -148,6 +160,11 @@ def _assign_splits(
 
 
 # ---- shards and manifest -----------------------------------------------------------------------
+
+
+def _names(files: list[Path]) -> str:
+    """The first few of ``files``, for messages."""
+    return ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
 
 
 def file_sha256(path: Path) -> str:
@@ -231,7 +248,7 @@ def _write_shards(tok: Tokenizer, files: list[Path], staging: Path, opts: _Optio
     finally:
         for writer in writers.values():
             writer.close()
-    names = ", ".join(str(f) for f in files[:3]) + (" ..." if len(files) > 3 else "")
+    names = _names(files)
     if stats["documents"] == 0:
         raise DataError(f"{names}: no documents found (all empty?): check the inputs and text_field")
     splits = {s: w.summary(sample_len) for s, w in writers.items()}
@@ -340,8 +357,10 @@ def prepare_dataset(
         raise ValueError("seq_len, shard_max_samples and num_workers must be positive")
     if not 0 < val_fraction <= 0.5:
         raise ValueError(f"val_fraction={val_fraction} must be in (0, 0.5]")
-    files = expand_inputs(inputs)
     out_dir = Path(out_dir).resolve()  # its parent holds the staging directory
+    if out_dir.exists() and not out_dir.is_dir():  # else found only after all the work, when publishing
+        raise DataError(f"out_dir={out_dir} is a file, not a directory: choose another out_dir")
+    files = expand_inputs(inputs)
     opts = _Options(
         seq_len,
         val_fraction,

@@ -9,11 +9,13 @@ object per line with the text under ``text_field``.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import glob
 import gzip
 import io
 import json
+import zlib
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
@@ -57,6 +59,11 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
             if not matches:
                 raise DataError(f"{text}: the pattern matches no file: check the path")
             for match in map(Path, matches):
+                if not match.is_dir() and not match.is_file():  # a broken symlink, a socket, ...
+                    raise DataError(
+                        f"{match}: matched by {text} but not a readable file (a broken symlink?): "
+                        "remove it or narrow the pattern"
+                    )
                 files += _dir_files(match) if match.is_dir() else [match]
         elif Path(text).is_dir():
             files += _dir_files(Path(text))
@@ -70,10 +77,14 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
 
 
 class ReadCounter:
-    """Bytes read from the input files so far (compressed bytes for .gz): a progress bar's position."""
+    """Bytes read from the input files so far (compressed bytes for .gz): a progress bar's position.
+
+    ``files`` lists the files opened so far, in order: the last one is the file being read.
+    """
 
     def __init__(self) -> None:
         self.bytes = 0
+        self.files: list[Path] = []
 
 
 class _Counted(io.RawIOBase):
@@ -99,18 +110,45 @@ class _Counted(io.RawIOBase):
 @contextlib.contextmanager
 def _reading(path: Path, counter: ReadCounter | None) -> Iterator[IO[str]]:
     """Open ``path`` as UTF-8 text; I/O and decoding errors become a DataError naming the file."""
+    counter = counter or ReadCounter()
+    counter.files.append(path)
     try:
         with contextlib.ExitStack() as stack:
-            raw = stack.enter_context(io.BufferedReader(_Counted(path, counter or ReadCounter()), 1 << 20))
+            raw = stack.enter_context(io.BufferedReader(_Counted(path, counter), 1 << 20))
             if path.suffix.lower() == ".gz":
                 raw = stack.enter_context(gzip.GzipFile(fileobj=raw))  # type: ignore[assignment]
             yield stack.enter_context(io.TextIOWrapper(raw, encoding="utf-8"))
     except UnicodeDecodeError as exn:
-        raise DataError(
-            f"{path}: not UTF-8 text ({exn.reason} at byte {exn.start}): convert it to UTF-8"
-        ) from exn
-    except (OSError, EOFError) as exn:
+        found = _first_bad_utf8(path)  # exn.start counts from the decoder's current chunk, not the file
+        line, at = (f":{found[0]}", f" at byte {found[1]}") if found else ("", "")
+        raise DataError(f"{path}{line}: not UTF-8 text ({exn.reason}{at}): convert it to UTF-8") from exn
+    except (OSError, EOFError, zlib.error) as exn:  # zlib.error: a damaged .gz
         raise DataError(f"{path}: cannot read ({exn}): check the file") from exn
+
+
+def _first_bad_utf8(path: Path) -> tuple[int, int] | None:
+    """(line, byte offset) of the first invalid UTF-8 in ``path`` (streamed again), or None.
+
+    The offset counts from 0 in the file (in the uncompressed text for .gz).
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    read = lines = 0  # bytes read so far, and the newlines in them
+    try:
+        with gzip.open(path) if path.suffix.lower() == ".gz" else open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                pending = len(decoder.getstate()[0])  # the start of a character split across chunks
+                try:
+                    decoder.decode(chunk)
+                except UnicodeDecodeError as exn:  # exn.start counts from the pending bytes
+                    before = chunk[: max(0, exn.start - pending)]
+                    return lines + before.count(b"\n") + 1, read - pending + exn.start
+                read, lines = read + len(chunk), lines + chunk.count(b"\n")
+            pending = len(decoder.getstate()[0])
+            if pending:  # the file ends inside a character
+                return lines + 1, read - pending
+    except (OSError, EOFError, zlib.error):
+        pass
+    return None
 
 
 def _text_pieces(path: Path, counter: ReadCounter | None) -> Iterator[tuple[str, bool]]:
@@ -139,7 +177,7 @@ def _jsonl_pieces(path: Path, text_field: str, counter: ReadCounter | None) -> I
                 continue
             try:
                 record = json.loads(line)
-            except ValueError as exn:
+            except (ValueError, RecursionError) as exn:  # RecursionError: nested too deeply
                 raise DataError(
                     f"{path}:{lineno}: not valid JSON ({exn}): JSON Lines needs one object per line; "
                     "fix or delete the line"
@@ -150,6 +188,14 @@ def _jsonl_pieces(path: Path, text_field: str, counter: ReadCounter | None) -> I
                     f"{path}:{lineno}: no string field {text_field!r}: "
                     "set text_field to the key that holds the text"
                 )
+            if "\\u" in line:  # only a \u escape can make a lone surrogate: the line itself is UTF-8
+                try:
+                    text.encode("utf-8")
+                except UnicodeEncodeError as exn:
+                    raise DataError(
+                        f"{path}:{lineno}: field {text_field!r} holds a lone surrogate "
+                        f"({text[exn.start]!r}, not valid Unicode): fix or delete the line"
+                    ) from None
             if text:
                 yield text, True
 

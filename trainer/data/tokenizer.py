@@ -145,7 +145,10 @@ class HFTokenizer(Tokenizer):
     """A Hugging Face ``tokenizers`` tokenizer: ``bpe`` when trained here, ``hf`` from a tokenizer.json."""
 
     def __init__(self, tokenizer: Any, kind: str = "hf", source: str = "tokenizer"):
-        self.tok, self.kind = tokenizer, kind
+        # A tokenizer.json may truncate or pad every encoding: documents must be encoded whole.
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
+        self.tok, self.kind = _plain_text(tokenizer), kind
         found = [t for t in _KNOWN_EOT if tokenizer.token_to_id(t) is not None]
         if not found:
             raise DataError(
@@ -153,10 +156,16 @@ class HFTokenizer(Tokenizer):
                 f"add {EOT_TEXT!r} as a special token"
             )
         self._eot = tokenizer.token_to_id(found[0])
+        # The largest id + 1, not the number of entries: ids may have gaps, and every id needs an embedding.
+        self._vocab_size = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1) + 1
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        _plain_text(self.tok)  # the setting is not pickled: pool workers would lose it
 
     @property
     def vocab_size(self) -> int:
-        return self.tok.get_vocab_size(with_added_tokens=True)
+        return self._vocab_size
 
     @property
     def eot_id(self) -> int:
@@ -182,6 +191,16 @@ class HFTokenizer(Tokenizer):
         config = {"kind": self.kind, "vocab_size": self.vocab_size, "eot_id": self.eot_id, "file": HF_FILE}
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
         return directory
+
+
+def _plain_text(tokenizer: Any) -> Any:
+    """``tokenizer``, set to encode special tokens' text (a literal "<|endoftext|>") as plain text.
+
+    As with byte and char, end-of-text ids then come only from prepare, between documents. The
+    setting is neither saved in tokenizer.json nor pickled, so it is set on every load.
+    """
+    tokenizer.encode_special_tokens = True
+    return tokenizer
 
 
 def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
@@ -224,13 +243,20 @@ def load_tokenizer(directory: Path) -> Tokenizer:
         raise DataError(
             f"{config_path}: cannot read the tokenizer config ({exn}): prepare the data again"
         ) from exn
+    if not isinstance(config, dict):
+        raise DataError(f"{config_path}: not a JSON object: prepare the data again")
     kind = config.get("kind")
     if kind == "byte":
         return ByteTokenizer()
     if kind == "char":
+        if not isinstance(config.get("chars"), str):
+            raise DataError(f"{config_path}: a char tokenizer needs a string 'chars': prepare the data again")
         return CharTokenizer(config["chars"])
     if kind in ("bpe", "hf"):
-        return _from_hf_file(Path(directory) / config.get("file", HF_FILE), kind=kind)
+        file = config.get("file", HF_FILE)
+        if not isinstance(file, str):
+            raise DataError(f"{config_path}: 'file' must be a file name: prepare the data again")
+        return _from_hf_file(Path(directory) / file, kind=kind)
     raise DataError(f"{config_path}: unknown tokenizer kind {kind!r}: expected byte, char, bpe or hf")
 
 
