@@ -46,11 +46,16 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             _init_on_fresh_store_prefix(accel.communication_backend_name(), timeout)
         deepspeed.init_distributed(timeout=timeout)  # adopts a group that already exists
-        atexit.register(dist.destroy_process_group)
+        atexit.register(_destroy)
     device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
     # Flags agreed every step must not wait on the GPU stream: on nccl they go through gloo.
     cpu_group = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else None
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, cpu_group)
+
+
+def _destroy() -> None:
+    if dist.is_initialized():  # an entry point may have destroyed it already (eval does)
+        dist.destroy_process_group()
 
 
 def any_rank(flags: list[bool], dist_info: DistInfo) -> list[bool]:

@@ -107,15 +107,15 @@ def token_byte_lengths(tok: Tokenizer) -> torch.Tensor:
         chars = tok.chars  # type: ignore[attr-defined]
         lengths = torch.tensor([len(c.encode("utf-8")) for c in chars] + [0], dtype=torch.int64)
     else:
-        lengths = _hf_byte_lengths(tok.tok)  # type: ignore[attr-defined]
+        lengths = _hf_byte_lengths(tok.tok, tok.vocab_size)  # type: ignore[attr-defined]
     lengths[tok.eot_id] = 0
     return lengths
 
 
-def _hf_byte_lengths(hf) -> torch.Tensor:
+def _hf_byte_lengths(hf, vocab_size: int) -> torch.Tensor:
     from tokenizers import pre_tokenizers
 
-    lengths = torch.zeros(hf.get_vocab_size(with_added_tokens=True), dtype=torch.int64)
+    lengths = torch.zeros(vocab_size, dtype=torch.int64)  # the largest id + 1: ids may have gaps
     special = {i for i, t in hf.get_added_tokens_decoder().items() if t.special}
     decoder = json.loads(hf.to_str()).get("decoder") or {}
     # Byte-level BPE (GPT-2 style) spells every byte as one character of a 256-character alphabet.

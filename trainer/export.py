@@ -294,7 +294,7 @@ def export(
     overwrite: bool = False,
 ) -> Path:
     """Write ``checkpoint`` (any ZeRO stage, or an exported dir) as a transformers model directory."""
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()  # "." has no name to put ".partial" after
     if dtype not in DTYPES:
         raise InferenceError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     if out_dir.exists() and (not out_dir.is_dir() or (any(out_dir.iterdir()) and not overwrite)):
@@ -306,9 +306,30 @@ def export(
     staging.mkdir(parents=True)
     write_model(src, staging, dtype)
     if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(staging, out_dir)  # a reader never sees a half-written export
+        _replace_contents(staging, out_dir)
+    else:
+        os.replace(staging, out_dir)  # a reader never sees a half-written export
     return out_dir
+
+
+# what makes a directory an export, for transformers and for us: out first, in last
+_MARKERS = ("config.json", EXPORT_CONFIG)
+
+
+def _replace_contents(staging: Path, out_dir: Path) -> None:
+    """Move the staged export into an existing ``out_dir``, keeping the directory itself (it may be
+    a shell's current directory, as with ``export run .``); readers see its markers only when
+    every other file is in place."""
+    for name in _MARKERS:
+        (out_dir / name).unlink(missing_ok=True)
+    for old in out_dir.iterdir():
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old)
+        else:
+            old.unlink()
+    for new in sorted(staging.iterdir(), key=lambda p: p.name in _MARKERS):
+        os.replace(new, out_dir / new.name)
+    staging.rmdir()
 
 
 def write_model(src: Source, out_dir: Path, dtype: str = "fp32") -> None:

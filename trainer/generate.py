@@ -225,7 +225,9 @@ class StopStrings:
 
     def __init__(self, tok: Tokenizer, stops: list[str]):
         self.tok, self.stops = tok, stops
-        self.tail = max((len(s) for s in stops), default=0) + 8  # ids to decode: enough for any stop
+        # ids to decode: every id is at least one byte of text, so a stop's UTF-8 bytes (+ 8 for a
+        # character cut at the start) bound how many ids it can span
+        self.tail = max((len(s.encode("utf-8")) for s in stops), default=0) + 8
 
     def __call__(self, row: int, ids: list[int]) -> bool:
         text = self.tok.decode(ids[-self.tail :])

@@ -92,6 +92,7 @@ def read_source(path: str | Path, *, tokenizer: str | Path | None = None) -> Sou
             f"checkpoint={path} does not exist: give a run directory, a checkpoints/step-<N> "
             "directory or an exported directory"
         )
+    path = path.resolve()  # "step-10" or "." finds its run dir two levels up as well
     if (path / EXPORT_CONFIG).is_file():
         return _read_export(path, tokenizer)
     return _read_checkpoint(find_step_dir(path), tokenizer)
@@ -226,7 +227,12 @@ def _read_export(path: Path, tokenizer: str | Path | None) -> Source:
 
     from trainer.export import from_hf_state_dict  # the mapping lives with the export
 
-    meta = json.loads((path / EXPORT_CONFIG).read_text())
+    try:
+        meta = json.loads((path / EXPORT_CONFIG).read_text())
+    except ValueError:
+        meta = None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model"), dict):
+        raise InferenceError(f"{path / EXPORT_CONFIG}: damaged (no model section): export it again")
     tok, _ = _tokenizer(tokenizer, path / EXPORT_TOKENIZER, None, path / EXPORT_CONFIG)
     cfg = _model_config(meta["model"], tok, f"{path / EXPORT_CONFIG} (model)")
     if not (path / WEIGHTS).is_file():

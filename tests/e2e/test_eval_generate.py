@@ -72,7 +72,9 @@ def test_eval_reports_the_trainers_validation_numbers(llama, tmp_path, base_env)
 def test_eval_on_two_ranks_of_a_two_rank_zero3_run(tmp_path_factory, base_env, tmp_path):
     run_dir = trained_run(tmp_path_factory, base_env, "llama-gqa-zero3-2ranks")
     args = ["-m", "trainer.eval", f"checkpoint={run_dir}", "batches=1", f"output_dir={tmp_path}"]
-    assert_ok(torchrun(2, args, tmp_path, base_env))
+    proc = torchrun(2, args, tmp_path, base_env)
+    assert_ok(proc)
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr[-2000:]
     assert json.loads((tmp_path / "val-step-10.json").read_text())["loss"] == _val_loss(run_dir)
 
 
@@ -105,6 +107,19 @@ def test_eval_bad_input(llama, exported, tmp_path, base_env):
     )
     proc = run_module("trainer.eval", ["batches=1"], tmp_path, base_env)
     assert proc.returncode == 2 and "checkpoint is not set" in proc.stderr
+    damaged = tmp_path / "damaged"
+    shutil.copytree(exported, damaged)
+    (damaged / "trainer_config.json").write_text((exported / "trainer_config.json").read_text()[:100])
+    with pytest.raises(InferenceError, match="trainer_config.json: damaged"):
+        load_model(damaged)
+
+
+def test_a_relative_step_directory_finds_its_run(llama, base_env):
+    """`checkpoint=step-10` from checkpoints/, or `.` from inside it: the run dir is two levels up."""
+    step_dir = llama / "checkpoints" / "step-10"
+    for cwd, path in ((step_dir.parent, "step-10"), (step_dir, ".")):
+        args = [f"checkpoint={path}", "prompt=Once", "greedy=true", "max_new_tokens=4"]
+        assert_ok(run_module("trainer.generate", args, cwd, base_env))
 
 
 # ---------------------------------------------------------------------------- generate

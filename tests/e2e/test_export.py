@@ -155,6 +155,15 @@ def test_gpt2_with_grouped_query_attention_is_refused():
         to_hf_state_dict(cfg, {})
 
 
+@pytest.mark.slow
+def test_export_into_the_current_directory(tmp_path_factory, base_env, tmp_path, monkeypatch):
+    run_dir = trained_run(tmp_path_factory, base_env, "llama-zero0")
+    (tmp_path / "here").mkdir()
+    monkeypatch.chdir(tmp_path / "here")
+    assert export(run_dir, ".") == tmp_path / "here"
+    assert load_model(tmp_path / "here").source.kind == "export"
+
+
 def test_export_refuses_a_file_as_out_dir(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(InferenceError, match="not an empty directory"):

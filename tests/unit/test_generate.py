@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer.config import ModelConfig
-from trainer.data.tokenizer import ByteTokenizer, CharTokenizer, train_bpe
+from trainer.data.tokenizer import EOT_TEXT, ByteTokenizer, CharTokenizer, HFTokenizer, train_bpe
 from trainer.evaluate import evaluate, token_byte_lengths
 from trainer.generate import StopStrings, generate, sample_next
 from trainer.model import GPT, KVCache
@@ -165,6 +165,12 @@ def test_stop_strings_detect_and_cut():
     assert stops(0, ids + [ord("D")])
     assert stops.cut("a\n\nb END c") == "a"
     assert stops.cut("no stop here") == "no stop here"
+    wide = ["日本語です", "😀😀😀"]  # more UTF-8 bytes (ids, for a byte tokenizer) than characters + 8
+    for stop in wide:
+        ids = list(f"Once upon a time {stop}".encode())
+        assert StopStrings(ByteTokenizer(), wide)(0, ids) and not StopStrings(ByteTokenizer(), wide)(
+            0, ids[:-1]
+        )
 
 
 # ---------------------------------------------------------------------------- evaluation
@@ -178,6 +184,18 @@ def test_byte_lengths_count_the_utf8_bytes_of_the_text():
         ids = tok.encode(text)
         assert int(lengths[ids].sum()) == len(text.encode("utf-8")), tok.kind
         assert lengths[tok.eot_id] == 0
+
+
+def test_byte_lengths_cover_every_id_of_a_tokenizer_with_id_gaps():
+    from tokenizers import Tokenizer as HFTok
+    from tokenizers import models
+
+    hf = HFTok(models.WordLevel({"[UNK]": 0, "a": 1, "bb": 2, EOT_TEXT: 70000}, unk_token="[UNK]"))
+    hf.add_special_tokens([EOT_TEXT])
+    tok = HFTokenizer(hf)
+    lengths = token_byte_lengths(tok)
+    assert len(lengths) == tok.vocab_size == 70001
+    assert lengths[1] == 1 and lengths[2] == 2 and lengths[70000] == 0
 
 
 @torch.no_grad()
