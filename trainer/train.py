@@ -49,6 +49,16 @@ def prepare_run_dir(run_dir: Path) -> None:
         raise ConfigError(msg) from None
 
 
+def absolute_data_paths(cfg: DictConfig) -> None:
+    """Dataset directories as absolute paths in the run's config: eval, generate and export find
+    the tokenizer beside the data through config.yaml, from whatever directory they run in."""
+    data = cfg.data
+    if data.path is not None:
+        data.path = os.path.abspath(data.path)
+    for source in data.sources:
+        source.path = os.path.abspath(source.path)
+
+
 def share_config(cfg: DictConfig, run_dir: Path, is_main: bool) -> dict[str, Any]:
     """Rank 0 writes the resolved config once; every rank then reads that same file.
 
@@ -89,6 +99,7 @@ def run(cfg: DictConfig) -> None:
 
     dist = init_distributed()
     setup_console_logging(dist.rank)
+    absolute_data_paths(cfg)
     resolved = share_config(cfg, Path(typed.run_dir), dist.is_main)
     built = build_run(to_typed(OmegaConf.create(resolved)), dist)
     publish_config(Path(typed.run_dir), dist.is_main)

@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf.errors import ValidationError
 
 from trainer.config import ConfigError, TrainConfig, register_configs
-from trainer.train import config_dir, to_typed
+from trainer.train import absolute_data_paths, config_dir, to_typed
 
 CONFIGS = Path(config_dir())
 
@@ -98,3 +98,14 @@ def test_max_tokens_ends_the_run_early(composer):
     per_step = cfg.global_batch_size * cfg.data.seq_len
     assert cfg.total_steps() == -(-100000 // per_step)
     assert to_typed(composer("max_steps=3", "max_tokens=100000000")).total_steps() == 3
+
+
+def test_data_paths_are_made_absolute_for_the_runs_config(composer, tmp_path, monkeypatch):
+    """config.yaml is how eval, generate and export find the tokenizer, from any directory."""
+    monkeypatch.chdir(tmp_path)
+    cfg = composer("data=prepared", "data.path=data/web")
+    absolute_data_paths(cfg)
+    assert cfg.data.path == str(tmp_path / "data" / "web")
+    cfg = composer("data=mixture", "data.sources=[{path: a, weight: 1}, {path: /abs/b, weight: 2}]")
+    absolute_data_paths(cfg)
+    assert [s.path for s in cfg.data.sources] == [str(tmp_path / "a"), "/abs/b"]
