@@ -130,6 +130,11 @@ def resume_dir(cfg: CheckpointConfig, run_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def in_run_dir(step_dir: Path, run_dir: Path) -> bool:
+    """Whether ``step_dir`` is one of ``run_dir``'s own checkpoints."""
+    return checkpoint_root(run_dir).resolve() == step_dir.resolve().parent
+
+
 def check_start(run_dir: Path, step_dir: Path | None, resume: str) -> None:
     """Refuse to start a run below complete checkpoints already in its run_dir.
 

@@ -72,6 +72,9 @@ class ModelConfig:
             _positive("model.vocab_size", self.vocab_size)
         if self.d_ff is not None:
             _positive("model.d_ff", self.d_ff)
+        for key in ("rope_theta", "norm_eps"):  # 0 or less: NaN losses blamed on optim.lr
+            _positive(f"model.{key}", getattr(self, key))
+        _positive("model.init_std", self.init_std, allow_zero=True)
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout={self.dropout} must be in [0, 1)")
         _one_of("model.pos_emb", self.pos_emb, ("rope", "learned"))
@@ -182,6 +185,8 @@ class EngineConfig:
             raise ConfigError("engine.offload_optimizer=true needs engine.zero_stage >= 1")
         if self.offload_params and self.zero_stage != 3:
             raise ConfigError("engine.offload_params=true needs engine.zero_stage=3")
+        _positive("engine.loss_scale", self.loss_scale, allow_zero=True)
+        _positive("engine.initial_scale_power", self.initial_scale_power, allow_zero=True)
 
 
 @dataclass

@@ -95,7 +95,7 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: floa
     """
     if step < warmup_steps:
         return (step + 1) / (warmup_steps + 1)
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))  # last step: floor
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 

@@ -109,6 +109,8 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
             checkpoint.universal_dir(step_dir, dist)
         saved = checkpoint.load(engine, step_dir, dist, universal=universal)
         state.load_state_dict(saved["trainer"])
+        if not checkpoint.in_run_dir(step_dir, Path(cfg.run_dir)):
+            state.wandb_id = None  # a branch from another run's checkpoint is a W&B run of its own
         try:
             data.train.load_state_dict(saved["loader"])
         except ValueError as e:  # a data setting that fixes the sample order changed
@@ -136,11 +138,11 @@ def train(run: Run, resolved_config: dict[str, Any], stop: StopSignal) -> None:
         run.state.step,
         run.state.wandb_id,
     )
-    run.state.wandb_id = sink.wandb_id
+    run.state.wandb_id = sink.wandb_id or run.state.wandb_id  # W&B down this time: keep the run's id
     try:
         if run.state.step >= run.total_steps:
             log.info("run already complete at step %d of %d; nothing to do", run.state.step, run.total_steps)
-            stop.restore()
+            stop.ignore_further()
         else:
             fit(run, sink, stop)
     except Preempted:
@@ -168,49 +170,52 @@ def fit(run: Run, sink: MetricsSink, stop: StopSignal) -> None:
     tok = run.data.tokenizer
     byte_lengths = token_byte_lengths(tok) if cfg.eval_every and tok is not None else None  # for val_bpb
 
+    lr = float("nan")  # the lr the optimizer applies this step; engine.step() then moves the schedule on
+
     def before_optimizer() -> None:
+        nonlocal lr
         meter.optimizer_start()
+        lr = current_lr(run.engine)
         if clip is not None:
             clip(run.engine)
 
     sink.log({"event": "perf", "step": state.step} | meter.describe())
-    profiler = StepProfiler(cfg.profile, Path(cfg.run_dir), run.dist.rank, run.dist.device)
     losses: list[float] = []
     run.engine.train()
-    while state.step < run.total_steps:
-        profiler.before_step(state.step + 1)
-        meter.step_start()
-        batch = next(batches)
-        meter.data_done()
-        control.step = state.step + 1
-        skipped_before = run.engine.skipped_steps
-        train_step(run.engine, batch, cfg.micro_batch_size, run.dist.device, control, before_optimizer)
-        meter.step_done()
-        state.step += 1
-        state.tokens += cfg.tokens_per_step()
-        if run.engine.skipped_steps > skipped_before:
-            record_skip(run, sink, control, batch)
-        else:
-            losses.append(control.loss)
+    with StepProfiler(cfg.profile, Path(cfg.run_dir), run.dist.rank, run.dist.device) as profiler:
+        while state.step < run.total_steps:
+            profiler.before_step(state.step + 1)
+            meter.step_start()
+            batch = next(batches)
+            meter.data_done()
+            control.step = state.step + 1
+            skipped_before = run.engine.skipped_steps
+            train_step(run.engine, batch, cfg.micro_batch_size, run.dist.device, control, before_optimizer)
+            meter.step_done()
+            state.step += 1
+            state.tokens += cfg.tokens_per_step()
+            if run.engine.skipped_steps > skipped_before:
+                record_skip(run, sink, control, batch)
+            else:
+                losses.append(control.loss)
 
-        last = state.step == run.total_steps
-        if state.step % cfg.log_every == 0 or last:
-            log_train(run, sink, losses, meter, clip)
-            losses.clear()
-        if cfg.eval_every and (state.step % cfg.eval_every == 0 or last):
-            log_eval(run, sink, byte_lengths)
-        every = cfg.checkpoint.every_steps
-        periodic = (every and state.step % every == 0) or control.save_due
-        if periodic or control.stop_requested or (last and cfg.checkpoint.save_final):
-            meter.add_checkpoint(save_checkpoint(run, sink, control))
-        if control.stop_requested and not last:
-            stop.ignore_further()
-            msg = f"stopped on request after step {state.step}; a restart resumes from there"
-            raise Preempted(msg, stop.received)
-    profiler.close()
-    # Only now: while stopping, a further signal must meet our handler, not the default action
-    # (which would kill the process and lose the requeue exit code).
-    stop.restore()
+            last = state.step == run.total_steps
+            if state.step % cfg.log_every == 0 or last:
+                log_train(run, sink, losses, meter, lr, clip)
+                losses.clear()
+            if cfg.eval_every and (state.step % cfg.eval_every == 0 or last):
+                log_eval(run, sink, byte_lengths)
+            every = cfg.checkpoint.every_steps
+            periodic = (every and state.step % every == 0) or control.save_due
+            if periodic or control.stop_requested or (last and cfg.checkpoint.save_final):
+                meter.add_checkpoint(save_checkpoint(run, sink, control))
+            if control.stop_requested and not last:
+                stop.ignore_further()
+                msg = f"stopped on request after step {state.step}; a restart resumes from there"
+                raise Preempted(msg, stop.received)
+    # Finished: a stop request now has nothing left to save, and the default action (terminate)
+    # would turn a finished run into a failed one while it closes its sinks.
+    stop.ignore_further()
 
 
 def log_eval(run: Run, sink: MetricsSink, byte_lengths: torch.Tensor | None) -> None:
@@ -253,12 +258,18 @@ def save_checkpoint(run: Run, sink: MetricsSink, control: StepControl) -> float:
 
 
 def log_train(
-    run: Run, sink: MetricsSink, losses: list[float], meter: PerfMeter, clip: GradClip | None = None
+    run: Run,
+    sink: MetricsSink,
+    losses: list[float],
+    meter: PerfMeter,
+    lr: float,
+    clip: GradClip | None = None,
 ) -> None:
-    """One train event: the loss averaged over the (applied) steps since the last log."""
+    """One train event: the loss averaged over the (applied) steps since the last log, and the lr
+    the last of them applied."""
     event = {"event": "train", "step": run.state.step, "total_steps": run.total_steps}
     loss = sum(losses) / len(losses) if losses else float("nan")  # already averaged over ranks
-    event |= {"tokens": run.state.tokens, "loss": loss, "lr": current_lr(run.engine)}
+    event |= {"tokens": run.state.tokens, "loss": loss, "lr": lr}
     event |= {"grad_norm": grad_norm(run.engine, clip), "skipped_steps": run.state.skipped_steps}
     event |= meter.report(run.total_steps - run.state.step) | memory_stats(run.dist.device)
     if run.cfg.engine.precision == "fp16":

@@ -1,6 +1,6 @@
 """torch.profiler traces of chosen steps on chosen ranks: ``profile.enabled=true profile.steps=[a,b]``.
 
-The loop calls ``before_step(n)`` at the top of each step n and ``close()`` after its last step.
+The loop calls ``before_step(n)`` at the top of each step n inside ``with StepProfiler(...)``.
 Steps a..b (inclusive) are recorded into ``<run_dir>/profile/rank<r>.steps<a>-<b>.pt.trace.json``,
 a Chrome trace (chrome://tracing, https://ui.perfetto.dev) that TensorBoard's profiler plugin also
 reads (``*.pt.trace.json``). On CUDA a memory snapshot of the same steps goes beside it
@@ -29,7 +29,8 @@ class StepProfiler:
         self.on = cfg.enabled and rank in cfg.ranks
         self.first, self.last = cfg.steps
         self.cuda = device.type == "cuda"
-        self.base = run_dir / "profile" / f"rank{rank}.steps{self.first}-{self.last}"
+        self.dir, self.rank = run_dir / "profile", rank
+        self.base = self.dir / f"rank{rank}.steps{self.first}-{self.last}"  # named by _start's first step
         self._prof: profile | None = None
         self._mark: Any = None  # the open "ProfilerStep#n" range of the step being recorded
 
@@ -62,7 +63,14 @@ class StepProfiler:
         if self.cuda and self.cfg.memory_snapshot:
             torch.cuda.memory._record_memory_history(max_entries=100_000)
         self._prof.start()
+        self.base = self.dir / f"rank{self.rank}.steps{step}-{self.last}"  # step > a: resumed inside
         log.info("profiling steps %d-%d", step, self.last)
+
+    def __enter__(self) -> StepProfiler:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()  # also when the run stops inside the window: a profiler left running crashes the exit
 
     def close(self) -> None:
         """Stop and write the trace (also when the run ends inside the window); idempotent."""

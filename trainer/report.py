@@ -88,6 +88,9 @@ def label_runs(runs: list[RunData]) -> None:
     for run, f in zip(runs, flat):
         parts = [f"{k}={f.get(k)}" for k in differ if k != "name"]
         run.label = ", ".join(parts) if parts and len(runs) > 1 else (f.get("name") or run.path.name)
+    if len({r.label for r in runs}) < len(runs):  # e.g. the same config in two run dirs
+        for run in runs:
+            run.label = f"{run.path.name}: {run.label}" if run.label != run.path.name else run.label
 
 
 def plot(runs: list[RunData], out_dir: Path) -> list[Path]:
@@ -188,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     runs = [load_run(p) for p in paths]
     label_runs(runs)
-    out = args.out or (Path(os.path.commonpath([str(p) for p in paths])) / "report")
+    out = args.out or (Path(os.path.commonpath([str(p.resolve()) for p in paths])) / "report")
     for png in plot(runs, out):
         print(f"wrote {png}")
     print(summary(runs))

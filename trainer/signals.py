@@ -34,11 +34,10 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self._previous: dict[int, object] = {}
 
     def install(self) -> StopSignal:
         for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
+            signal.signal(sig, self._handle)
         return self
 
     def ignore_further(self) -> None:
@@ -47,11 +46,6 @@ class StopSignal:
         SIG_IGN survives shutdown."""
         for sig in self.SIGNALS:
             signal.signal(sig, signal.SIG_IGN)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
-        self._previous.clear()
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.received is None:

@@ -37,12 +37,15 @@ def test_nan_step_is_dropped_and_recorded(tmp_path, cli_env):
 
 
 def test_nan_step_with_stop_halts_without_saving(tmp_path, cli_env):
+    """Inside a profiling window too: the profiler is stopped (a running one crashed the exit)."""
     args = [*FAST, "guard.inject_nan_at=[5]", "checkpoint.every_steps=2", "run_dir=out"]
+    args += ["profile.enabled=true", "profile.steps=[4,6]"]
     proc = run_module("trainer.train", args, tmp_path, cli_env)
-    assert proc.returncode == 1
+    assert proc.returncode == 1, proc.stderr[-2000:]
     assert "error: non-finite loss at step 5" in proc.stderr
     saved = sorted(p.name for p in (tmp_path / "out" / "checkpoints").glob("step-*"))
     assert saved == ["step-2", "step-4"]  # nothing written after the NaN
+    assert (tmp_path / "out" / "profile" / "rank0.steps4-6.pt.trace.json").stat().st_size > 0
 
 
 def test_skip_on_zero0_is_refused(tmp_path, cli_env):

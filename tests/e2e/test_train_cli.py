@@ -42,6 +42,9 @@ def test_loss_falls_and_every_step_is_logged(finished_run):
     assert train[-1]["loss"] < train[0]["loss"] - 0.5, [e["loss"] for e in train]
     assert all(e["tokens_per_s"] > 0 and e["lr"] > 0 for e in train)
     assert train[-1]["tokens"] == 12 * 8 * 64
+    optim = yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]  # the lr each step applied:
+    assert train[0]["lr"] == pytest.approx(optim["lr"] / (optim["warmup_steps"] + 1))  # warmup's first
+    assert train[-1]["lr"] == pytest.approx(optim["lr"] * optim["min_lr_ratio"])  # the floor, at the end
     evals = read_metrics(run_dir, "eval")
     assert [e["step"] for e in evals] == [6, 12]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"]

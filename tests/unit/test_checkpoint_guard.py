@@ -69,6 +69,15 @@ def test_a_start_below_complete_checkpoints_is_refused(tmp_path):
     check_start(tmp_path / "elsewhere", six, str(six))  # a new run_dir may start from any checkpoint
 
 
+def test_only_a_run_dirs_own_checkpoints_continue_its_wandb_run(tmp_path):
+    own = _step(tmp_path / "run", 4)
+    assert trainer.checkpoint.in_run_dir(own, tmp_path / "run")
+    assert trainer.checkpoint.in_run_dir(
+        tmp_path / "run" / "checkpoints" / ".." / "checkpoints" / "step-4", tmp_path / "run"
+    )
+    assert not trainer.checkpoint.in_run_dir(own, tmp_path / "branch")  # a branch starts its own
+
+
 def test_a_prune_cut_short_leaves_no_checkpoint_that_looks_complete(tmp_path, monkeypatch):
     old, new = _step(tmp_path, 2), _step(tmp_path, 4)
 

@@ -75,6 +75,10 @@ def test_wrong_type_is_rejected(composer):
         ("micro_batch_size=5", "global_batch_size"),
         ("optim.betas=[0.9]", "optim.betas"),
         ("max_steps=0", "max_steps"),
+        ("model.init_std=-0.02", "model.init_std"),  # else a traceback from the model's init
+        ("model.norm_eps=-1", "model.norm_eps"),  # else NaN at step 1, blamed on optim.lr
+        ("model.rope_theta=0", "model.rope_theta"),
+        ("engine.loss_scale=-1", "engine.loss_scale"),  # else DeepSpeed's error names fp16.loss_scale
     ],
 )
 def test_impossible_values_name_the_key(composer, override, key):

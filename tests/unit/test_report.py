@@ -53,3 +53,13 @@ def test_sweep_dir_is_expanded_and_runs_labelled_by_their_overrides(tmp_path: Pa
 def test_not_a_run_dir(tmp_path: Path, capsys):
     assert main([str(tmp_path)]) == 2
     assert "no metrics.jsonl" in capsys.readouterr().err
+
+
+def test_runs_of_the_same_config_get_their_dir_names_and_paths_may_mix(tmp_path: Path, capsys, monkeypatch):
+    for name in ("a", "b"):
+        _fake_run(tmp_path / name, 0.1)
+    monkeypatch.chdir(tmp_path)
+    assert main(["a", str(tmp_path / "b")]) == 0  # one relative, one absolute
+    out = capsys.readouterr().out
+    assert "a: s" in out and "b: s" in out
+    assert (tmp_path / "report" / "loss.png").is_file()
