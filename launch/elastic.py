@@ -5,7 +5,10 @@
 Three differences from plain ``torchrun``:
 - SIGUSR1 and SIGTERM go on to the workers and do not stop the launcher: the trainer saves at the
   next step boundary and exits ``EXIT_REQUEUE``; torchrun would instead die on USR1, or kill the
-  workers 30 s after TERM, possibly in the middle of the save.
+  workers 30 s after TERM, possibly in the middle of the save. The request is also left in the
+  environment of workers started later (``TRAINER_STOP_REQUESTED``), which then exit
+  ``EXIT_REQUEUE`` at once: a request that comes before the workers exist is not lost, and with
+  ``--max-restarts`` torchrun's restarts do not carry on training.
 - When the workers exit ``EXIT_REQUEUE`` (checkpoint saved, start me again), this exits with that
   code too, instead of torchrun's 1 for any failure: slurm/train.sbatch requeues on it alone.
 - A rendezvous that cannot be reached or completed ends with one line saying so, not a traceback.
@@ -20,6 +23,7 @@ import sys
 from pathlib import Path
 
 EXIT_REQUEUE = 85  # trainer.signals.EXIT_REQUEUE; kept here so the launcher needs only torch
+STOP_ENV = "TRAINER_STOP_REQUESTED"  # trainer.signals.STOP_ENV
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
 
 
@@ -38,18 +42,19 @@ def children(pid: int) -> list[int]:
 
 
 def forward(signum: int, frame: object) -> None:
+    os.environ[STOP_ENV] = str(signum)  # torchrun copies our environment into every worker it starts
     for pid in children(os.getpid()):
         with contextlib.suppress(ProcessLookupError):  # exited meanwhile
             os.kill(pid, signum)
 
 
 def main(argv: list[str]) -> int:
+    for sig in FORWARDED:  # first: importing torch takes seconds
+        signal.signal(sig, forward)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.elastic.rendezvous.api import RendezvousError
     from torch.distributed.run import main as torchrun
 
-    for sig in FORWARDED:
-        signal.signal(sig, forward)
     try:
         # torchrun then installs its own handlers for these only; ours stay on USR1 and TERM.
         torchrun(["--signals-to-handle", "SIGINT,SIGHUP,SIGQUIT", *argv])

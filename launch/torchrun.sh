@@ -77,6 +77,8 @@ else
 fi
 [[ $master_port =~ ^[0-9]+$ ]] && ((master_port <= 65535)) ||
   die "--master-port=$master_port is not a port number"
+((nnodes == 1 || master_port > 0)) ||
+  die "--master-port=0 (any free port) works on one node only: give every node the same port"
 getent ahosts "$master_addr" >/dev/null ||
   die "cannot resolve the rendezvous host '$master_addr' (--master-addr / MASTER_ADDR)"
 # Node rank 0 hosts the rendezvous store: a taken port fails here, at once and by name.

@@ -10,6 +10,8 @@ log = logging.getLogger("trainer")
 # The trainer saved a checkpoint because it was asked to stop (SIGTERM / SIGUSR1 / SIGUSR2) and
 # expects to be started again: slurm/train.sbatch requeues the job on this code and on no other.
 EXIT_REQUEUE = 85
+# Set by launch/elastic.py in the environment of the workers it starts after a stop request.
+STOP_ENV = "TRAINER_STOP_REQUESTED"
 
 
 class Preempted(Exception):

@@ -84,9 +84,11 @@ def publish_config(run_dir: Path, is_main: bool) -> None:
 
 def run(cfg: DictConfig) -> None:
     typed = to_typed(cfg)  # validation errors stop the run here, before any process group
-    from trainer.signals import StopSignal
+    from trainer.signals import STOP_ENV, Preempted, StopSignal
 
     stop = StopSignal().install()  # from here on a stop request (preemption) is acted on, not fatal
+    if os.environ.get(STOP_ENV):  # asked before this worker started (or torchrun restarted it)
+        raise Preempted("a stop was requested before this worker started", int(os.environ[STOP_ENV]))
     import torch
 
     if typed.engine.precision == "fp16" and not torch.cuda.is_available():

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -212,6 +213,7 @@ def test_unreachable_rendezvous_gives_up_after_the_timeout(tmp_path, env):
         ),
         (["--nproc", "two"], "--nproc=two is not a whole number"),
         (["--master-port"], "--master-port needs a value"),
+        (["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", "0"], "works on one node only"),
     ],
 )
 def test_bad_flags(tmp_path, env, args, needle):
@@ -229,8 +231,18 @@ def test_sbatch_script_outside_slurm(tmp_path, env):
 
 
 def test_launcher_forwards_sigterm_too(tmp_path, env):
-    """`kill <launcher>` (SIGTERM) is a stop request as well, not an abrupt kill of the workers."""
-    args = ["--nproc", "1", "debug=fast", "max_steps=500", "eval_every=0", "run_dir=out"]
+    """`kill <launcher>` (SIGTERM) is a stop request as well, not an abrupt kill of the workers; with
+    --max-restarts the worker torchrun restarts after the save stops at once instead of training on."""
+    args = [
+        "--nproc",
+        "1",
+        "--max-restarts",
+        "1",
+        "debug=fast",
+        "max_steps=500",
+        "eval_every=0",
+        "run_dir=out",
+    ]
     launcher = subprocess.Popen(
         ["bash", str(TORCHRUN_SH), *args],
         cwd=tmp_path,
@@ -248,3 +260,27 @@ def test_launcher_forwards_sigterm_too(tmp_path, env):
         launcher.kill()
     assert launcher.returncode == EXIT_REQUEUE, out[-3000:]
     assert "preempted" in out and (tmp_path / "out" / "checkpoints" / "latest").is_file()
+    saved = (tmp_path / "out" / "checkpoints" / "latest").read_text().strip()
+    assert saved == f"step-{train_steps(tmp_path / 'out')[-1]}" and "resumed from" not in out
+
+
+def test_a_stop_request_before_the_workers_start_is_kept(tmp_path, env):
+    """SIGUSR1 while the launcher is still importing torch: the workers exit 85 at once (before, the
+    launcher died of the signal, or the request was lost and the job ran to its time limit)."""
+    args = ["--nproc", "1", "debug=fast", "max_steps=500", "run_dir=out"]
+    launcher = subprocess.Popen(
+        ["bash", str(TORCHRUN_SH), *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        cmdline = Path(f"/proc/{launcher.pid}/cmdline")
+        wait_for(lambda: b"elastic.py" in cmdline.read_bytes() or launcher.poll() is not None, 60, "exec")
+        launcher.send_signal(signal.SIGUSR1)
+        out = launcher.communicate(timeout=120)[0].decode()
+    finally:
+        launcher.kill()
+    assert launcher.returncode == EXIT_REQUEUE, out[-3000:]
+    assert "stop was requested before this worker started" in out and not train_steps(tmp_path / "out")
