@@ -95,17 +95,10 @@ def test_accelerate_launch_matches_one_process(tmp_path, env, one_process_losses
 
 def test_usr1_to_the_launcher_saves_exits_85_and_a_restart_finishes(tmp_path, env):
     args = ["--nproc", "2", "debug=fast", "max_steps=80", "eval_every=0", "run_dir=out"]
-    cmd = ["bash", str(TORCHRUN_SH), *args]
-    launcher = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
-        wait_for(
-            lambda: len(train_steps(tmp_path / "out")) >= 3 or launcher.poll() is not None, 120, "training"
-        )
-        launcher.send_signal(signal.SIGUSR1)  # bash exec'd the launcher: this is its pid
-        out = launcher.communicate(timeout=120)[0].decode()
-    finally:
-        launcher.kill()
-    assert launcher.returncode == EXIT_REQUEUE, out[-3000:]
+    rc, out = _stop_launcher(
+        tmp_path, env, args, lambda _: len(train_steps(tmp_path / "out")) >= 3, signal.SIGUSR1
+    )
+    assert rc == EXIT_REQUEUE, out[-3000:]
     stopped_at = train_steps(tmp_path / "out")[-1]
     assert stopped_at < 80 and (tmp_path / "out" / "checkpoints" / f"step-{stopped_at}").is_dir()
 
@@ -243,22 +236,10 @@ def test_launcher_forwards_sigterm_too(tmp_path, env):
         "eval_every=0",
         "run_dir=out",
     ]
-    launcher = subprocess.Popen(
-        ["bash", str(TORCHRUN_SH), *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
+    rc, out = _stop_launcher(
+        tmp_path, env, args, lambda _: len(train_steps(tmp_path / "out")) >= 2, signal.SIGTERM
     )
-    try:
-        wait_for(
-            lambda: len(train_steps(tmp_path / "out")) >= 2 or launcher.poll() is not None, 120, "training"
-        )
-        os.kill(launcher.pid, signal.SIGTERM)
-        out = launcher.communicate(timeout=120)[0].decode()
-    finally:
-        launcher.kill()
-    assert launcher.returncode == EXIT_REQUEUE, out[-3000:]
+    assert rc == EXIT_REQUEUE, out[-3000:]
     assert "preempted" in out and (tmp_path / "out" / "checkpoints" / "latest").is_file()
     saved = (tmp_path / "out" / "checkpoints" / "latest").read_text().strip()
     assert saved == f"step-{train_steps(tmp_path / 'out')[-1]}" and "resumed from" not in out
@@ -268,6 +249,17 @@ def test_a_stop_request_before_the_workers_start_is_kept(tmp_path, env):
     """SIGUSR1 while the launcher is still importing torch: the workers exit 85 at once (before, the
     launcher died of the signal, or the request was lost and the job ran to its time limit)."""
     args = ["--nproc", "1", "debug=fast", "max_steps=500", "run_dir=out"]
+
+    def started(launcher: subprocess.Popen) -> bool:  # bash exec'd it; it now imports torch
+        return b"elastic.py" in Path(f"/proc/{launcher.pid}/cmdline").read_bytes()
+
+    rc, out = _stop_launcher(tmp_path, env, args, started, signal.SIGUSR1)
+    assert rc == EXIT_REQUEUE, out[-3000:]
+    assert "stop was requested before this worker started" in out and not train_steps(tmp_path / "out")
+
+
+def _stop_launcher(tmp_path, env, args: list[str], ready, sig: int) -> tuple[int, str]:
+    """launch/torchrun.sh ``args``, sent ``sig`` once ``ready(process)``: (exit code, output)."""
     launcher = subprocess.Popen(
         ["bash", str(TORCHRUN_SH), *args],
         cwd=tmp_path,
@@ -276,11 +268,9 @@ def test_a_stop_request_before_the_workers_start_is_kept(tmp_path, env):
         stderr=subprocess.STDOUT,
     )
     try:
-        cmdline = Path(f"/proc/{launcher.pid}/cmdline")
-        wait_for(lambda: b"elastic.py" in cmdline.read_bytes() or launcher.poll() is not None, 60, "exec")
-        launcher.send_signal(signal.SIGUSR1)
+        wait_for(lambda: launcher.poll() is not None or ready(launcher), 120, "the launcher")
+        launcher.send_signal(sig)  # bash exec'd the launcher: this is its pid
         out = launcher.communicate(timeout=120)[0].decode()
     finally:
         launcher.kill()
-    assert launcher.returncode == EXIT_REQUEUE, out[-3000:]
-    assert "stop was requested before this worker started" in out and not train_steps(tmp_path / "out")
+    return launcher.returncode, out
