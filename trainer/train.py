@@ -59,6 +59,36 @@ def absolute_data_paths(cfg: DictConfig) -> None:
         source.path = os.path.abspath(source.path)
 
 
+def check_sweep_member(cfg: DictConfig, run_dir: Path) -> None:
+    """A sweep member may only continue the run in its directory that has its own overrides.
+
+    Members live in runs/sweeps/<name>/<job number>: a second sweep under the same name would
+    otherwise resume the first one's runs, and `trainer.sweep` would report their results under
+    the new overrides.
+    """
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    old_path = run_dir / "config.yaml"
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN or not old_path.is_file():
+        return
+    old = OmegaConf.load(old_path)
+    for override in HydraConfig.get().overrides.task:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key.startswith("hydra") or "/" in key:  # Hydra's own settings, config groups of Hydra
+            continue
+        was, now = _plain(OmegaConf.select(old, key)), _plain(OmegaConf.select(cfg, key))
+        if was != now:
+            raise ConfigError(
+                f"{run_dir} holds a run of another sweep ({key}={was}; this member has {key}={now}): "
+                "give this sweep a new name=..., or delete that directory"
+            )
+
+
+def _plain(value: Any) -> Any:
+    return OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
+
+
 def share_config(cfg: DictConfig, run_dir: Path, is_main: bool) -> dict[str, Any]:
     """Rank 0 writes the resolved config once; every rank then reads that same file.
 
@@ -102,6 +132,7 @@ def run(cfg: DictConfig) -> None:
     dist = init_distributed()
     setup_console_logging(dist.rank)
     absolute_data_paths(cfg)
+    check_sweep_member(cfg, Path(typed.run_dir))
     resolved = share_config(cfg, Path(typed.run_dir), dist.is_main)
     built = build_run(to_typed(OmegaConf.create(resolved)), dist)
     publish_config(Path(typed.run_dir), dist.is_main)

@@ -123,6 +123,16 @@ def test_local_sweep_runs_every_member_in_its_own_dir_and_summarizes(tmp_path, e
     assert lines[0] == "common overrides: name=s debug=fast max_steps=3 eval_every=3"
     assert sum("| done |" in line for line in lines) == 2
     assert (tmp_path / "lrs.csv").read_text().count("optim.lr=") == 2 and (sweep / "summary.md").is_file()
+    # The same sweep again resumes its members; another one under the same name is refused.
+    proc = run_module("trainer.train", args, tmp_path, env)
+    assert_ok(proc)
+    assert proc.stderr.count("already complete") == 2
+    other = [*args[:-1], "optim.lr=3e-2"]
+    proc = run_module("trainer.train", other, tmp_path, env)
+    assert proc.returncode == 2 and "holds a run of another sweep (optim.lr=0.001;" in proc.stderr, (
+        proc.stderr
+    )
+    assert "name=" in proc.stderr and len(losses(sweep / "0")) == 3
     # A single run still goes to runs/<name>.
     assert_ok(run_module("trainer.train", ["debug=fast", "max_steps=1"], tmp_path, env))
     assert (tmp_path / "runs" / "default" / "metrics.jsonl").is_file()
