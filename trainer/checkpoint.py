@@ -122,7 +122,7 @@ def resume_dir(cfg: CheckpointConfig, run_dir: Path) -> Path | None:
         return path
     root = checkpoint_root(run_dir)
     complete = complete_checkpoints(root)
-    newest = int(_STEP_DIR.match(complete[-1].name).group(1)) if complete else -1
+    newest = _step(complete[-1]) if complete else -1
     for p in sorted(root.glob("step-*")):
         m = _STEP_DIR.match(p.name)
         if p not in complete and (m is None or int(m.group(1)) > newest):
@@ -141,7 +141,7 @@ def check_start(run_dir: Path, step_dir: Path | None, resume: str) -> None:
     Its saves would collide with them: one at a step they hold would be skipped, older ones would
     be pruned first (keep_last counts by step), and auto-resume would later pick theirs.
     """
-    start = -1 if step_dir is None else json.loads((step_dir / STATE).read_text())["trainer"]["step"]
+    start = -1 if step_dir is None else saved_state(step_dir)["trainer"]["step"]
     later = [p.name for p in complete_checkpoints(checkpoint_root(run_dir)) if _step(p) > start]
     if later:
         raise ConfigError(
@@ -151,8 +151,13 @@ def check_start(run_dir: Path, step_dir: Path | None, resume: str) -> None:
         )
 
 
+def saved_state(step_dir: Path) -> dict[str, Any]:
+    """The trainer state a complete checkpoint holds: step, tokens, loader position, world size."""
+    return json.loads((step_dir / STATE).read_text())
+
+
 def saved_world_size(step_dir: Path) -> int:
-    return json.loads((step_dir / STATE).read_text())["world_size"]
+    return saved_state(step_dir)["world_size"]
 
 
 def universal_dir(step_dir: Path, dist: DistInfo) -> Path:
@@ -196,7 +201,7 @@ def load(engine, step_dir: Path, dist: DistInfo, universal: bool = False) -> dic
     rng = step_dir / f"rng-rank{dist.rank}.pt"
     if rng.is_file():  # absent for ranks a grown world did not have; dropout then draws anew
         _set_rng_state(torch.load(rng, weights_only=True))
-    return json.loads((step_dir / STATE).read_text())
+    return saved_state(step_dir)
 
 
 def _inner_optimizer(engine) -> torch.optim.Optimizer:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from trainer.checkpoint import COMPLETE, STATE, checkpoint_root, complete_checkpoints
+from trainer.checkpoint import COMPLETE, STATE, checkpoint_root, complete_checkpoints, saved_state
 from trainer.config import ModelConfig
 from trainer.data import DataError
 from trainer.data.tokenizer import Tokenizer, load_tokenizer
@@ -169,7 +169,7 @@ def _read_checkpoint(step_dir: Path, tokenizer: str | Path | None) -> Source:
     cfg = _model_config(run_config["model"], tok, f"{config_path} (model)")
     state_dict = consolidated_state_dict(step_dir)
     _check_vocab(cfg, state_dict, tok, step_dir, expected)
-    state = json.loads((step_dir / STATE).read_text()) if (step_dir / STATE).is_file() else {}
+    state = saved_state(step_dir) if (step_dir / STATE).is_file() else {}
     step = state.get("trainer", {}).get("step")
     return Source(step_dir, "checkpoint", cfg, state_dict, tok, step, run_config)
 

@@ -30,7 +30,7 @@ class StepProfiler:
         self.first, self.last = cfg.steps
         self.cuda = device.type == "cuda"
         self.dir, self.rank = run_dir / "profile", rank
-        self.base = self.dir / f"rank{rank}.steps{self.first}-{self.last}"  # named by _start's first step
+        self.recorded_from = self.first  # > first when a run resumed inside the window
         self._prof: profile | None = None
         self._mark: Any = None  # the open "ProfilerStep#n" range of the step being recorded
 
@@ -63,7 +63,7 @@ class StepProfiler:
         if self.cuda and self.cfg.memory_snapshot:
             torch.cuda.memory._record_memory_history(max_entries=100_000)
         self._prof.start()
-        self.base = self.dir / f"rank{self.rank}.steps{step}-{self.last}"  # step > a: resumed inside
+        self.recorded_from = step
         log.info("profiling steps %d-%d", step, self.last)
 
     def __enter__(self) -> StepProfiler:
@@ -79,10 +79,11 @@ class StepProfiler:
         self._end_mark()
         prof, self._prof, self.on = self._prof, None, False
         prof.stop()
-        self.base.parent.mkdir(parents=True, exist_ok=True)
-        trace = self.base.with_name(self.base.name + ".pt.trace.json")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        base = f"rank{self.rank}.steps{self.recorded_from}-{self.last}"  # the steps it holds
+        trace = self.dir / f"{base}.pt.trace.json"
         prof.export_chrome_trace(str(trace))
         if self.cuda and self.cfg.memory_snapshot:
-            torch.cuda.memory._dump_snapshot(str(self.base.with_name(self.base.name + ".memory.pickle")))
+            torch.cuda.memory._dump_snapshot(str(self.dir / f"{base}.memory.pickle"))
             torch.cuda.memory._record_memory_history(enabled=None)
         log.info("profile trace written to %s", trace)
