@@ -28,16 +28,13 @@ from trainer.checkpoint import COMPLETE, STATE, checkpoint_root, complete_checkp
 from trainer.config import ModelConfig
 from trainer.data import DataError
 from trainer.data.tokenizer import Tokenizer, load_tokenizer
+from trainer.errors import InferenceError
 from trainer.model import GPT, padded_vocab_size
 
 EXPORT_CONFIG = "trainer_config.json"  # our model config and tokenizer identity, beside config.json
 EXPORT_TOKENIZER = "trainer_tokenizer"  # our own tokenizer files (trainer.data.tokenizer format)
 WEIGHTS = "model.safetensors"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class InferenceError(ValueError):
-    """A checkpoint, exported model, tokenizer or prompt that cannot be used; names it and the fix."""
 
 
 @dataclass
@@ -225,7 +222,7 @@ def _check_vocab(
 def _read_export(path: Path, tokenizer: str | Path | None) -> Source:
     from safetensors.torch import load_file
 
-    from trainer.export import from_hf_state_dict  # the mapping lives with the export
+    from trainer.hf_weights import from_hf_state_dict
 
     try:
         meta = json.loads((path / EXPORT_CONFIG).read_text())

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+from trainer.rundir import METRICS, flatten, read_config, read_events
 
 # Keys that always differ between runs and say nothing about them.
 _NOT_LABELS = ("run_dir", "logger.")
@@ -40,10 +40,10 @@ def find_runs(paths: list[Path]) -> list[Path]:
     """Run dirs (holding metrics.jsonl) among `paths`; a dir without one is searched below (a sweep)."""
     runs: list[Path] = []
     for path in paths:
-        if (path / "metrics.jsonl").is_file():
+        if (path / METRICS).is_file():
             runs.append(path)
         else:
-            below = sorted(p.parent for p in path.rglob("metrics.jsonl"))
+            below = sorted(p.parent for p in path.rglob(METRICS))
             if not below:
                 raise FileNotFoundError(f"no metrics.jsonl in or under {path}: is it a run dir?")
             runs += below
@@ -51,29 +51,8 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 
 def load_run(path: Path) -> RunData:
-    cfg_path = path / "config.yaml"
-    config = yaml.safe_load(cfg_path.read_text()) if cfg_path.is_file() else {}
-    run = RunData(path, config or {})
-    for line in (path / "metrics.jsonl").read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:  # a line torn by a crash
-            continue
-        if event.get("event") == "train":
-            run.train.append(event)
-        elif event.get("event") == "eval":
-            run.evals.append(event)
-    return run
-
-
-def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict):
-            out |= flatten(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
+    events = read_events(path)
+    return RunData(path, read_config(path), events.get("train", []), events.get("eval", []))
 
 
 def label_runs(runs: list[RunData]) -> None:

@@ -30,6 +30,8 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from trainer.rundir import CONFIG, METRICS, flatten, read_config, read_events
+
 log = logging.getLogger("trainer")
 
 # configs/train.yaml: run_dir: ${oc.env:TRAINER_SWEEP_RUN_DIR,runs/${name}}
@@ -138,9 +140,7 @@ class Member:
 def find_members(sweep_dir: Path) -> list[Path]:
     """Member dirs in job order: the sweep's subdirs that hold a run or Hydra's record of one."""
     subdirs = [p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]
-    members = [
-        p for p in subdirs if any((p / f).exists() for f in ("config.yaml", "metrics.jsonl", ".hydra"))
-    ]
+    members = [p for p in subdirs if any((p / f).exists() for f in (CONFIG, METRICS, ".hydra"))]
     return sorted(
         members, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)
     )
@@ -153,19 +153,8 @@ def read_member(path: Path) -> Member:
         import yaml
 
         member.overrides = [str(o) for o in yaml.safe_load(overrides.read_text()) or []]
-    metrics = path / "metrics.jsonl"
-    if not metrics.is_file():
-        return member
-    train, evals = [], []
-    for line in metrics.read_text().splitlines():
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a kill
-        if event.get("event") == "train":
-            train.append(event)
-        elif event.get("event") == "eval":
-            evals.append(event)
+    events = read_events(path)
+    train, evals = events.get("train", []), events.get("eval", [])
     if train:
         last = train[-1]
         member.step, member.total_steps = last["step"], last.get("total_steps")
@@ -178,16 +167,6 @@ def read_member(path: Path) -> Member:
     return member
 
 
-def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out |= _flatten(v, f"{prefix}{k}.")
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def split_overrides(members: list[Member]) -> list[str]:
     """Keep on each member only what tells it apart; return what all members share.
 
@@ -195,10 +174,8 @@ def split_overrides(members: list[Member]) -> list[str]:
     configs stand in for the overrides.
     """
     for m in members:
-        if not m.overrides and (m.path / "config.yaml").is_file():
-            import yaml
-
-            flat = _flatten(yaml.safe_load((m.path / "config.yaml").read_text()) or {})
+        if not m.overrides and (m.path / CONFIG).is_file():
+            flat = flatten(read_config(m.path))
             m.overrides = [f"{k}={json.dumps(v)}" for k, v in flat.items() if k not in ("run_dir", "name")]
     for m in members:
         m.overrides = [o for o in m.overrides if o.split("=", 1)[0].lstrip("+~") not in INJECTED]

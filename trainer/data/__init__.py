@@ -27,7 +27,7 @@ _LAZY = {
     "Tokenizer": "tokenizer",
     "prepare_dataset": "prepare",
     "prepare_builtin": "prepare",
-    "load_manifest": "loader",
+    "load_manifest": "manifest",
     "ShardLoader": "loader",
     "Mixture": "mixture",
     "to_device": "batch",

@@ -43,15 +43,13 @@ import numpy as np
 import torch
 
 from trainer.data import DataError
+from trainer.data.manifest import DTYPES, MANIFEST, SPLITS, load_manifest
 from trainer.data.mixture import Mixture
 from trainer.data.prefetch import LoaderIterator
-from trainer.data.prepare import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS
 from trainer.data.shards import ReadBuffer, read_shard
 
 log = logging.getLogger("trainer")
 
-_DTYPES = {"uint16": "<u2", "uint32": "<u4"}
-_SHARD_KEYS = {"path": str, "samples": int, "sha256": str, "bytes": int}
 ON_CORRUPT = ("error", "skip")
 _KEPT = ("ahead", "pool", "readers")  # a pass' cache entries that outlive an epoch
 _WINDOW = ("ids", "rows", "valid", "order", "lo", "hi")  # its entries of the window in use
@@ -63,47 +61,6 @@ _READ_THREADS = min(2, os.cpu_count() or 1)
 # no longer bounds small batches (batch 16 went from ~0.2M to ~0.9M samples/s), few enough bytes
 # to stay in cache on their way to the step.
 _CHUNK_BATCHES, _CHUNK_BYTES = 64, 1 << 20
-
-
-def _manifest_problem(m: Any) -> str | None:
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        return f"not a {FORMAT} manifest"
-    if m.get("version") != FORMAT_VERSION:
-        return f"format version {m.get('version')}, this code reads version {FORMAT_VERSION}"
-    if not isinstance(m.get("seq_len"), int) or m["seq_len"] <= 0 or m.get("dtype") not in _DTYPES:
-        return "seq_len or dtype missing or invalid"
-    if not isinstance(m.get("tokenizer"), dict) or not isinstance(m["tokenizer"].get("vocab_size"), int):
-        return "tokenizer section missing"
-    if m["tokenizer"]["vocab_size"] > 1 << 31:  # batches carry the ids as int32
-        return f"vocab_size {m['tokenizer']['vocab_size']} exceeds 2^31: batches hold ids as int32"
-    for split in SPLITS:
-        shards = m.get("splits", {}).get(split, {}).get("shards")
-        if not isinstance(shards, list):
-            return f"split {split!r} missing"
-        for shard in shards:
-            if not isinstance(shard, dict) or any(
-                not isinstance(shard.get(k), t) for k, t in _SHARD_KEYS.items()
-            ):
-                return f"a shard entry of split {split!r} lacks path, samples, sha256 or bytes"
-    return None
-
-
-def load_manifest(dataset_dir: str | Path) -> dict[str, Any]:
-    """The dataset's ``manifest.json``, checked; DataError names the file and what to do."""
-    path = Path(dataset_dir) / MANIFEST
-    if not path.is_file():
-        raise DataError(
-            f"{path}: not found (not a prepared dataset, or its preparation did not finish): "
-            "prepare the data first, or set data.builtin=true for the built-in corpus"
-        )
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exn:
-        raise DataError(f"{path}: not valid JSON ({exn}): prepare the data again") from exn
-    problem = _manifest_problem(manifest)
-    if problem:
-        raise DataError(f"{path}: {problem}: prepare the data again")
-    return manifest
 
 
 def _shard_url(dataset_dir: Path, path: str) -> str:
@@ -173,7 +130,7 @@ class Source:
         self.manifest = load_manifest(self.dir)
         if split not in self.manifest["splits"]:
             raise ValueError(f"split={split!r} is not in {self.dir / MANIFEST}: use one of {SPLITS}")
-        self.seq_len, self.dtype = self.manifest["seq_len"], _DTYPES[self.manifest["dtype"]]
+        self.seq_len, self.dtype = self.manifest["seq_len"], DTYPES[self.manifest["dtype"]]
         self.shards = self.manifest["splits"][split]["shards"]
         self.counts = np.array([s["samples"] for s in self.shards], dtype=np.int64)
         self.first_ids = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)

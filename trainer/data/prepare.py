@@ -34,15 +34,18 @@ import webdataset as wds
 
 from trainer.data import DataError
 from trainer.data.corpus import CORPUS_VERSION, write_builtin_corpus
+from trainer.data.manifest import (
+    FIELD,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    SPLITS,
+    TOKENIZER_DIR,
+    load_manifest,
+)
 from trainer.data.readers import ReadCounter, expand_inputs, iter_documents
 from trainer.data.tokenizer import Tokenizer, build_tokenizer
 
-FORMAT = "trainer.tokens"
-FORMAT_VERSION = 1
-MANIFEST = "manifest.json"
-FIELD = "tokens.bin"
-SPLITS = ("train", "val")
-TOKENIZER_DIR = "tokenizer"
 _BATCH_CHARS = 1 << 20  # characters per tokenization task
 BUILTIN_DOCS = 6000
 Progress = Callable[[str, dict[str, int]], None]  # (stage, counts) -> None
@@ -393,7 +396,6 @@ def _file_lock(path: Path) -> Iterator[None]:
 
 def _usable_builtin(out_dir: Path, seq_len: int, builtin: dict[str, Any]) -> dict[str, Any] | None:
     """The manifest in ``out_dir`` if it is this exact built-in dataset and its shards are present."""
-    from trainer.data.loader import load_manifest  # the loader imports torch; import it only when needed
 
     if not (out_dir / MANIFEST).is_file():
         return None

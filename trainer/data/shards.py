@@ -23,7 +23,7 @@ import tarfile
 import numpy as np
 import webdataset as wds
 
-from trainer.data.prepare import FIELD
+from trainer.data.manifest import FIELD
 
 _BLOCK = 512
 _SUFFIX = f".{FIELD}".encode()
