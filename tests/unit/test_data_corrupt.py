@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 import tarfile
 from pathlib import Path
@@ -178,3 +179,29 @@ def test_skip_mode_on_intact_data_is_the_normal_order(dataset):
     assert global_batches(dataset, 1, 30) == global_batches(dataset, 1, 30, on_corrupt="error")
     assert loader(dataset).stats() == {"data_skipped": 0}
     assert np.all(np.diff([len(b) for b in global_batches(dataset, 3, 5)]) == 0)
+
+
+def test_a_shard_is_hashed_once_per_file_identity_and_again_once_changed(copy):
+    """data.verify_shards: sha256 once per shard file (size, mtime, inode, device) per loader, not on
+    every read of every epoch; a shard rewritten in place gets a new identity, so it is hashed again
+    and its damage is caught."""
+    ld = loader(copy, on_corrupt="error", verify=True)
+    it = iter(ld)
+    per_epoch = ld.num_samples // G
+    for _ in range(2 * per_epoch + 1):  # into a third epoch
+        next(it)
+    paths = [s["path"] for s in load_manifest(copy)["splits"]["train"]["shards"]]
+    source = ld.sources[0]
+    assert all(source.shard_reads[p] >= 2 for p in paths)  # every shard read in two epochs at least
+    assert source.shard_hashes == {p: 1 for p in paths}  # but hashed once
+    # Same size, one byte of a sample changed, a new mtime: as an editor or a bad copy would leave it.
+    path = shard_file(copy, 5)
+    data = bytearray(path.read_bytes())
+    data[512 + 3] ^= 0xFF  # the first sample's payload
+    stat = path.stat()
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(DataError, match=f"{path.name}: sha256 differs from the manifest"):
+        for _ in range(2 * per_epoch):
+            next(it)
+    assert source.shard_hashes[path.name] == 2

@@ -1,9 +1,11 @@
 """Data: text -> tokenizer -> packed fixed-length samples -> webdataset tar shards -> streaming loader.
 
 Modules: ``corpus`` (the built-in training corpus), ``tokenizer`` (byte / char / bpe), ``readers``
-(input files -> documents), ``prepare`` (writes shards and ``manifest.json``), ``shards`` (reads one
-shard, finds damage), ``mixture`` (weighted interleaving of several datasets), ``loader`` (the
-deterministic, resumable ``ShardLoader``), ``prefetch`` (its background thread), ``batch`` (a batch's
+(input files -> documents), ``manifest`` (the dataset format's names and the manifest check, shared by
+both sides), ``prepare`` (writes shards and ``manifest.json``), ``shards`` (reads one shard, finds
+damage), ``order`` (one epoch's seeded sample order), ``mixture`` (weighted interleaving of several
+datasets), ``loader`` (the deterministic, resumable ``ShardLoader``), ``prefetch`` (its background
+thread), ``batch`` (a batch's
 ``tokens`` -> the model's inputs and labels on the device) and ``build`` (the loaders from the
 config's data section).
 The names below are importable from ``trainer.data`` directly; the loader (which needs torch) is

@@ -45,8 +45,9 @@ import torch
 from trainer.data import DataError
 from trainer.data.manifest import DTYPES, MANIFEST, SPLITS, load_manifest
 from trainer.data.mixture import Mixture
+from trainer.data.order import EpochPlan
 from trainer.data.prefetch import LoaderIterator
-from trainer.data.shards import ReadBuffer, read_shard
+from trainer.data.shards import ReadBuffer, VerifiedShards, read_shard
 
 log = logging.getLogger("trainer")
 
@@ -68,28 +69,6 @@ def _shard_url(dataset_dir: Path, path: str) -> str:
     if "://" in path or path.startswith("pipe:"):
         return path
     return str(dataset_dir / path)
-
-
-def _rng(seed: int, epoch: int, tag: int, index: int) -> np.random.Generator:
-    # Always four words: SeedSequence treats [a, b] and [a, b, 0] alike, so lengths must not vary.
-    return np.random.default_rng([seed % (1 << 63), epoch, tag, index])
-
-
-class _EpochPlan:
-    """One epoch's windows: which shards in which order, and where each window starts."""
-
-    def __init__(self, counts: np.ndarray, epoch: int, seed: int, window: int, shuffle: bool):
-        self.epoch, self.seed, self.shuffle = epoch, seed, shuffle
-        order = _rng(seed, epoch, 0, 0).permutation(len(counts)) if shuffle else np.arange(len(counts))
-        self.windows = [order[i : i + window] for i in range(0, len(order), window)]
-        self.starts = np.cumsum([0] + [int(counts[w].sum()) for w in self.windows])
-
-    def window_of(self, offset: int) -> int:
-        return int(np.searchsorted(self.starts, offset, side="right")) - 1
-
-    def permutation(self, w: int) -> np.ndarray:
-        size = int(self.starts[w + 1] - self.starts[w])
-        return _rng(self.seed, self.epoch, 1, w).permutation(size) if self.shuffle else np.arange(size)
 
 
 @dataclass
@@ -140,11 +119,17 @@ class Source:
         blob = json.dumps([[s["samples"], s["sha256"]] for s in self.shards]).encode()  # content, not paths
         self.fingerprint = hashlib.sha256(blob).hexdigest()
         self.shard_reads: Counter[str] = Counter()  # times each shard was read (observability, tests)
+        self.verified = VerifiedShards()  # with how.verify: sha256 once per shard file, not per read
         self._warned: set[str] = set()
 
-    def epoch_plan(self, epoch: int) -> _EpochPlan:
+    @property
+    def shard_hashes(self) -> Counter[str]:
+        """Times each shard (manifest path) was hashed with ``verify``."""
+        return self.verified.hashes
+
+    def epoch_plan(self, epoch: int) -> EpochPlan:
         """Which shards form each window of ``epoch``, in order, and where each window starts."""
-        return _EpochPlan(self.counts, epoch, self.how.seed, self.how.window, self.how.shuffle)
+        return EpochPlan(self.counts, epoch, self.how.seed, self.how.window, self.how.shuffle)
 
     def take(
         self, first: int, count: int, cache: dict[str, Any], select: np.ndarray | None = None
@@ -191,7 +176,7 @@ class Source:
         plan = cache["plan"] if cache.get("epoch") == epoch else self.epoch_plan(epoch)
         return epoch * self.num_samples + int(plan.starts[plan.window_of(offset) + 1])
 
-    def _window(self, plan: _EpochPlan, w: int, cache: dict[str, Any]) -> dict[str, Any]:
+    def _window(self, plan: EpochPlan, w: int, cache: dict[str, Any]) -> dict[str, Any]:
         """Window ``w`` of ``plan``'s epoch (from the read-ahead when it has it); starts reading the next.
 
         With read-ahead two windows per source are in memory: the one in use and the next.
@@ -209,7 +194,7 @@ class Source:
             cache["ahead"] = ((following[0].epoch, following[1]), future)
         return window
 
-    def _load_window(self, plan: _EpochPlan, w: int, readers: _Readers) -> dict[str, Any]:
+    def _load_window(self, plan: EpochPlan, w: int, readers: _Readers) -> dict[str, Any]:
         """Window ``w`` of ``plan``'s epoch in shard order, and ``order``: its permutation (None: as read).
 
         The samples are not permuted here: each batch gathers its rows through ``order``, one copy.
@@ -239,7 +224,14 @@ class Source:
     def _read_shard(self, index: int, out: np.ndarray, readers: _Readers) -> np.ndarray:
         shard = self.shards[index]
         url = _shard_url(self.dir, shard["path"])
-        valid, problem = read_shard(url, out, shard["sha256"] if self.how.verify else None, readers.buffer())
+        sha256, identity = (
+            (shard["sha256"], VerifiedShards.identity(url)) if self.how.verify else (None, None)
+        )
+        if sha256 is not None and not self.verified.needs_hash(url, identity, sha256):
+            sha256 = None  # this very file was hashed and matched before
+        valid, problem = read_shard(url, out, sha256, readers.buffer())
+        if sha256 is not None:
+            self.verified.hashed(url, shard["path"], identity, sha256, problem is None)
         if problem is not None:
             if not self.how.skip:
                 raise DataError(

@@ -18,7 +18,10 @@ from __future__ import annotations
 import hashlib
 import io
 import mmap
+import os
 import tarfile
+import threading
+from collections import Counter
 
 import numpy as np
 import webdataset as wds
@@ -54,6 +57,45 @@ class ReadBuffer:
         if self._map is None or len(self._map) < size:
             self._map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE)
         return memoryview(self._map)[:size]
+
+
+class VerifiedShards:
+    """Which local shard files this process already hashed and found equal to the manifest.
+
+    A file is known by its identity: (device, inode, size, mtime_ns). One that is replaced, or
+    rewritten in place, gets another identity and is hashed again on its next read. URLs and ``pipe:``
+    commands have no identity and are hashed on every read. Thread-safe (a loader reads shards in
+    several threads).
+    """
+
+    def __init__(self) -> None:
+        self._known: dict[str, tuple[tuple[int, ...], str]] = {}
+        self._lock = threading.Lock()
+        self.hashes: Counter[str] = Counter()  # shard -> times it was hashed (observability, tests)
+
+    @staticmethod
+    def identity(url: str) -> tuple[int, ...] | None:
+        if "://" in url or url.startswith("pipe:"):
+            return None
+        try:
+            st = os.stat(url)
+        except OSError:
+            return None  # the read names the problem
+        return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def needs_hash(self, url: str, identity: tuple[int, ...] | None, sha256: str) -> bool:
+        with self._lock:
+            return identity is None or self._known.get(url) != (identity, sha256)
+
+    def hashed(self, url: str, name: str, identity: tuple[int, ...] | None, sha256: str, ok: bool) -> None:
+        """Record one hash of ``url`` (``ok``: it matched); ``identity`` as taken before the read, so a
+        change during the read leaves a newer identity that is hashed again."""
+        with self._lock:
+            self.hashes[name] += 1
+            if ok and identity is not None:
+                self._known[url] = (identity, sha256)
+            else:
+                self._known.pop(url, None)
 
 
 def read_shard(
