@@ -5,9 +5,8 @@ Modules: ``corpus`` (the built-in training corpus), ``tokenizer`` (byte / char /
 both sides), ``prepare`` (writes shards and ``manifest.json``), ``shards`` (reads one shard, finds
 damage), ``order`` (one epoch's seeded sample order), ``mixture`` (weighted interleaving of several
 datasets), ``loader`` (the deterministic, resumable ``ShardLoader``), ``prefetch`` (its background
-thread), ``batch`` (a batch's
-``tokens`` -> the model's inputs and labels on the device) and ``build`` (the loaders from the
-config's data section).
+thread), ``batch`` (a batch's ``tokens`` -> the model's inputs and labels on the device) and
+``build`` (the loaders from the config's data section).
 The names below are importable from ``trainer.data`` directly; the loader (which needs torch) is
 imported on first use so that preparing data does not pay for importing torch.
 """
