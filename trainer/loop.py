@@ -17,6 +17,7 @@ from trainer.data.build import Data, build_data
 from trainer.distributed import DistInfo, barrier, gather_to_main
 from trainer.engine import GradClip, build_engine, clips_in_trainer, current_lr, deepspeed_config, grad_norm
 from trainer.evaluate import evaluate, token_byte_lengths
+from trainer.gc_schedule import ScheduledGC
 from trainer.guard import StepControl, TrainingHalted
 from trainer.metrics import MetricsSink, open_sink
 from trainer.model import GPT
@@ -182,7 +183,8 @@ def fit(run: Run, sink: MetricsSink, stop: StopSignal) -> None:
     sink.log({"event": "perf", "step": state.step} | meter.describe())
     losses: list[float] = []
     run.engine.train()
-    with StepProfiler(cfg.profile, Path(cfg.run_dir), run.dist.rank, run.dist.device) as profiler:
+    profiling = StepProfiler(cfg.profile, Path(cfg.run_dir), run.dist.rank, run.dist.device)
+    with profiling as profiler, ScheduledGC(cfg.gc_every) as collector:
         while state.step < run.total_steps:
             profiler.before_step(state.step + 1)
             meter.step_start()
@@ -194,6 +196,7 @@ def fit(run: Run, sink: MetricsSink, stop: StopSignal) -> None:
             meter.step_done()
             state.step += 1
             state.tokens += cfg.tokens_per_step()
+            collector.after_step(state.step)  # the same steps on every rank: no rank waits for another's
             if run.engine.skipped_steps > skipped_before:
                 record_skip(run, sink, control, batch)
             else:
