@@ -11,10 +11,18 @@ from omegaconf.errors import MissingMandatoryValue
 from trainer.config import ConfigError
 
 
+class Exit(SystemExit):
+    """SystemExit that keeps the one line it printed (a sweep member records it as its reason)."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(code)
+        self.message = message
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print ``error: message`` and exit; SystemExit passes through Hydra untouched."""
     print(f"error: {message}", file=sys.stderr)
-    sys.exit(code)
+    raise Exit(code, message)
 
 
 @contextmanager

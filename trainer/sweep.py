@@ -30,7 +30,17 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from trainer.rundir import CONFIG, METRICS, flatten, read_config, read_events
+from trainer.rundir import (
+    CONFIG,
+    METRICS,
+    clear_exit,
+    flatten,
+    read_config,
+    read_events,
+    read_exit,
+    write_exit,
+)
+from trainer.signals import EXIT_REQUEUE, STOP_ENV
 
 log = logging.getLogger("trainer")
 
@@ -51,6 +61,9 @@ class SweepMember(Callback):
     task per rank: submitit sets SLURM's variables, the trainer reads torchrun's, so map them.
     """
 
+    def __init__(self) -> None:
+        self.exits: list[MemberExit] = []  # members run in this process that exited early
+
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
@@ -66,9 +79,78 @@ class SweepMember(Callback):
             if JobEnvironment().num_tasks > 1:
                 # One device per rank is chosen by LOCAL_RANK: keep every device visible.
                 TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+        if int(os.environ.get("RANK", "0")) == 0:
+            clear_exit(Path(hydra_cfg.runtime.output_dir))  # from an earlier start of this member
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         os.environ.pop(RUN_DIR_ENV, None)  # the basic launcher runs the next member in this process
+        from hydra.core.utils import JobStatus
+
+        if job_return.status == JobStatus.COMPLETED and isinstance(job_return.return_value, MemberExit):
+            self.exits.append(job_return.return_value)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """After a sweep run in this process: one line per member that exited early, then exit with
+        the requeue code if any was preempted (a requeued sweep resumes them), else the first one's."""
+        if not self.exits:
+            return
+        command_line = set(config.hydra.overrides.task)
+        for e in self.exits:
+            own = [o for o in e.overrides if o not in command_line and not _injected(o)]
+            print(f"error: sweep member {e.num} ({' '.join(own)}) exited with code {e.code}: {e.reason}",
+                  file=sys.stderr)  # fmt: skip
+        sweep_dir = config.hydra.sweep.dir
+        print(f"error: {len(self.exits)} sweep member(s) did not finish: python -m trainer.sweep {sweep_dir} "
+              "lists every member; running the same sweep again resumes them", file=sys.stderr)  # fmt: skip
+        codes = [e.code for e in self.exits]
+        sys.exit(EXIT_REQUEUE if EXIT_REQUEUE in codes else codes[0])
+
+
+@dataclass
+class MemberExit:
+    """What a sweep member run in the sweep's own process returns instead of raising SystemExit."""
+
+    num: int
+    overrides: list[str]
+    code: int
+    reason: str
+
+
+def sweep_member_dir() -> Path | None:
+    """The directory Hydra made for the sweep member this process runs; None outside a sweep."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return None
+    return Path(HydraConfig.get().runtime.output_dir)
+
+
+def member_exited(member_dir: Path, exc: SystemExit) -> MemberExit:
+    """A sweep member exits early (bad config, halted, preempted): record why in its directory.
+
+    A submitit member is a process of its own whose exit code submitit acts on (a requeue): it exits
+    as a single run does. A member of Hydra's basic launcher shares the sweep's process, and Hydra
+    catches Exception only, so its SystemExit would end the whole sweep: it returns instead, and the
+    sweep ends with its code once the other members ran. A stop request (preemption) is one for the
+    process: the members after it stop before they start, and the same sweep run again resumes them.
+    """
+    code = exc.code if isinstance(exc.code, int) else 1
+    reason = getattr(exc, "message", None) or (exc.code if isinstance(exc.code, str) else f"exit code {code}")
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_exit(member_dir, code, str(reason))
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        raise exc
+    if code == EXIT_REQUEUE:
+        os.environ.setdefault(STOP_ENV, str(int(signal.SIGTERM)))
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    return MemberExit(int(hydra_cfg.job.num), list(hydra_cfg.overrides.task), code, str(reason))
+
+
+def _injected(override: str) -> bool:
+    return override.split("=", 1)[0].lstrip("+~") in INJECTED
 
 
 # submitit's local controller starts a job's tasks again when one exits with this code.
@@ -121,14 +203,22 @@ class Member:
     val_loss: float | None = None
     val_bpb: float | None = None  # bits per byte: comparable across tokenizers, unlike the loss
     tokens_per_s: float | None = None
+    exit: dict[str, Any] | None = None  # why it ended early, when it did (rundir.EXIT)
 
     @property
     def status(self) -> str:
         if self.total_steps is None:
-            return "no metrics"  # failed before the first log, or not started yet
-        if self.step >= self.total_steps:
-            return "done"
-        return f"stopped {self.step}/{self.total_steps}"  # running, preempted or failed
+            progress = "no metrics"  # failed before the first log, or not started yet
+        elif self.step >= self.total_steps:
+            progress = "done"
+        else:
+            progress = f"stopped {self.step}/{self.total_steps}"  # running, preempted or failed
+        if self.exit is None:
+            return progress
+        code = self.exit.get("code")
+        kind = "preempted" if code == EXIT_REQUEUE else "failed"
+        where = "" if self.total_steps is None else f" at {self.step}/{self.total_steps}"
+        return f"{kind} (exit {code}){where}: {self.exit.get('reason', '')}"
 
     def score(self, by_bpb: bool = False) -> float:
         """Lower is better: validation bits per byte (``by_bpb``: members without it last), or
@@ -153,6 +243,7 @@ def read_member(path: Path) -> Member:
         import yaml
 
         member.overrides = [str(o) for o in yaml.safe_load(overrides.read_text()) or []]
+    member.exit = read_exit(path)
     events = read_events(path)
     train, evals = events.get("train", []), events.get("eval", [])
     if train:
@@ -178,7 +269,7 @@ def split_overrides(members: list[Member]) -> list[str]:
             flat = flatten(read_config(m.path))
             m.overrides = [f"{k}={json.dumps(v)}" for k, v in flat.items() if k not in ("run_dir", "name")]
     for m in members:
-        m.overrides = [o for o in m.overrides if o.split("=", 1)[0].lstrip("+~") not in INJECTED]
+        m.overrides = [o for o in m.overrides if not _injected(o)]
     if len(members) < 2:
         return []
     common = [o for o in members[0].overrides if all(o in m.overrides for m in members[1:])]

@@ -14,7 +14,7 @@ from typing import Any
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from trainer.cli import fail, one_line_errors
+from trainer.cli import Exit, fail, one_line_errors
 from trainer.config import ConfigError, TrainConfig, register_configs
 
 NEW_CONFIG = ".config.yaml.new"  # this start's resolved config, until the run is built
@@ -140,7 +140,22 @@ def run(cfg: DictConfig) -> None:
 
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
-def _hydra_main(cfg: DictConfig) -> None:
+def _hydra_main(cfg: DictConfig) -> Any:
+    from trainer.sweep import member_exited, sweep_member_dir
+
+    member = sweep_member_dir()  # None: a single run
+    try:
+        run_reporting_exits(cfg)
+    except SystemExit as e:
+        # Hydra's basic launcher catches Exception only: a member's SystemExit would end the sweep.
+        if member is None or e.code in (0, None):
+            raise
+        return member_exited(member, e)  # recorded in the member's dir; re-raised outside this process
+    return None
+
+
+def run_reporting_exits(cfg: DictConfig) -> None:
+    """`run`, with every way it stops turned into a one-line message and its exit code."""
     from trainer.checkpoint import CheckpointError
     from trainer.guard import TrainingHalted
     from trainer.signals import EXIT_REQUEUE, Preempted
@@ -154,7 +169,8 @@ def _hydra_main(cfg: DictConfig) -> None:
         from trainer.sweep import exit_code_after_stop
 
         print(f"preempted: {e}", file=sys.stderr)
-        sys.exit(exit_code_after_stop(e.signum, EXIT_REQUEUE))  # a sweep member may requeue itself
+        code = exit_code_after_stop(e.signum, EXIT_REQUEUE)  # a sweep member may requeue itself
+        raise Exit(code, str(e)) from None
 
 
 def main() -> None:

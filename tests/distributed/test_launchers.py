@@ -138,6 +138,38 @@ def test_local_sweep_runs_every_member_in_its_own_dir_and_summarizes(tmp_path, e
     assert (tmp_path / "runs" / "default" / "metrics.jsonl").is_file()
 
 
+@pytest.mark.slow
+def test_a_basic_sweep_runs_on_past_members_that_exit_and_lists_why(tmp_path, env):
+    """Hydra's basic launcher catches Exception only; a member that exits (bad config here) must not
+    end the sweep: the next member trains, the sweep exits with the member's code, and
+    `trainer.sweep` names the failed member and its reason."""
+    args = ["-m", "name=f", "debug=fast", "max_steps=2", "eval_every=2", "optim.lr=-1,1e-3"]
+    proc = run_module("trainer.train", args, tmp_path, env)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    sweep = tmp_path / "runs" / "sweeps" / "f"
+    assert len(losses(sweep / "1")) == 2  # the member after the failed one ran
+    assert "Traceback" not in proc.stderr
+    assert "sweep member 0 (optim.lr=-1) exited with code 2: optim.lr=-1.0 must be > 0" in proc.stderr, (
+        proc.stderr[-3000:]
+    )
+    proc = run_module("trainer.sweep", [str(sweep)], tmp_path, env)
+    assert_ok(proc)
+    rows = {line.split("|")[2].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+    assert "| done |" in rows["1"]
+    assert "failed (exit 2): optim.lr=-1.0 must be > 0" in rows["0"], proc.stdout
+
+    # A stop request (preemption) in a basic sweep: the member saves and the ones after it do not
+    # start; the sweep exits 85 (requeue), every member listed as preempted; running it again resumes.
+    args = ["-m", "name=p", "debug=fast", "max_steps=2", "eval_every=2", "optim.lr=1e-3,3e-3"]
+    proc = run_module("trainer.train", args, tmp_path, env | {"TRAINER_STOP_REQUESTED": "15"})
+    assert proc.returncode == EXIT_REQUEUE, proc.stderr[-3000:]
+    proc = run_module("trainer.sweep", [str(tmp_path / "runs" / "sweeps" / "p")], tmp_path, env)
+    assert_ok(proc)
+    assert proc.stdout.count("preempted (exit 85): a stop was requested before this worker started") == 2, (
+        proc.stdout
+    )
+
+
 def test_a_submitit_local_member_restarts_on_its_time_limit_signal(tmp_path, env):
     """hydra/launcher=local: USR2 (what submitit's local controller sends before the time limit)
     to the member's task: it saves, its controller starts it again, and it finishes from there."""
