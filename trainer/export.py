@@ -255,7 +255,12 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = _Parser(prog="python -m trainer.export", description=__doc__.split("\n")[0])
+    parser = _Parser(
+        prog="python -m trainer.export",
+        description="\n\n".join(__doc__.split("\n\n")[:4]),  # what it reads and what it writes
+        epilog="e.g. python -m trainer.export runs/default hf/; then from_pretrained('hf/')",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("checkpoint", help="run dir, checkpoints/step-<N> dir, or exported dir")
     parser.add_argument("out_dir", help="directory to write (must not exist, or be empty)")
     parser.add_argument("--tokenizer", help="tokenizer directory (default: the run's dataset tokenizer)")

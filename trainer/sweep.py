@@ -3,11 +3,13 @@
     python -m trainer.sweep runs/sweeps/<name> [--csv FILE] [--markdown FILE]
 
 prints one row per member, best first: its overrides, final train and validation loss, validation
-bits per byte, tokens/s and status (best: lowest bits per byte when every member logged it, as
-members may differ in tokenizer; else lowest validation loss), and writes the same table as
-``summary.csv`` and ``summary.md`` into the sweep dir.
-It reads what every run leaves behind: ``<member>/config.yaml``, ``<member>/metrics.jsonl`` and
-``<member>/.hydra/overrides.yaml`` (Hydra writes the last one for sweep members only).
+bits per byte, tokens/s and status (done, stopped at a step, or failed / preempted with its exit
+code and reason) (best: lowest bits per byte when every member logged it, as members may differ in
+tokenizer; else lowest validation loss), and writes the same table as ``summary.csv`` and
+``summary.md`` into the sweep dir.
+It reads what every run leaves behind: ``<member>/config.yaml``, ``<member>/metrics.jsonl``,
+``<member>/.hydra/overrides.yaml`` (Hydra writes it for sweep members only) and ``<member>/exit.json``
+(a member that exited early: its code and one-line reason).
 """
 
 from __future__ import annotations
@@ -336,7 +338,11 @@ def summarize(sweep_dir: Path) -> tuple[list[dict[str, str]], list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.sweep", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m trainer.sweep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("sweep_dir", type=Path, help="the sweep's directory, e.g. runs/sweeps/<name>")
     parser.add_argument("--csv", type=Path, help="where to write the CSV (default: <sweep_dir>/summary.csv)")
     parser.add_argument("--markdown", type=Path, help="the markdown table (default: <sweep_dir>/summary.md)")
