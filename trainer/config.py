@@ -277,6 +277,7 @@ class TrainConfig:
     eval_every: int = 50  # 0: no evaluation during training
     eval_batches: int = 4  # global batches of the validation split per evaluation
     gc_every: int = 50  # steps between Python GC collections (automatic GC off); 0: Python's automatic GC
+    log_level: str = "info"  # info: libraries log to <run_dir>/logs/ only; debug: to the console too
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -293,6 +294,8 @@ class TrainConfig:
         _positive("max_tokens", self.max_tokens, allow_zero=True)
         _positive("eval_every", self.eval_every, allow_zero=True)
         _positive("gc_every", self.gc_every, allow_zero=True)
+        if self.log_level not in ("info", "debug"):
+            raise ConfigError(f"log_level={self.log_level}: use info or debug")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(
                 f"data.seq_len={self.data.seq_len} exceeds model.max_seq_len={self.model.max_seq_len}: "

@@ -45,7 +45,10 @@ def init_distributed(timeout_s: int = 1800) -> DistInfo:
     if not dist.is_initialized():  # several runs in one process (a local sweep) share one group
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
             _init_on_fresh_store_prefix(accel.communication_backend_name(), timeout)
-        deepspeed.init_distributed(timeout=timeout)  # adopts a group that already exists
+        from trainer.metrics import stdout_to_log
+
+        with stdout_to_log("DeepSpeed.stdout"):  # it prints that its shm op was built, on every start
+            deepspeed.init_distributed(timeout=timeout)  # adopts a group that already exists
         atexit.register(_destroy)
     device = torch.device(accel.device_name(local_rank) if accel.device_name() != "cpu" else "cpu")
     # Flags agreed every step must not wait on the GPU stream: on nccl they go through gloo.

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from trainer.config import LoggerConfig
 
@@ -243,9 +244,89 @@ def start_wandb(cfg: LoggerConfig, run_name: str, run_dir: Path, config: dict, r
 
 def setup_console_logging(rank: int) -> None:
     """Rank 0 logs info; other ranks only warnings and errors, tagged with their rank."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"[rank{rank}] %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger("trainer")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    root.propagate = False
+    setup_logging(rank)
+
+
+# Libraries that print through handlers of their own instead of propagating to the root logger.
+_OWN_HANDLERS = ("DeepSpeed",)
+
+
+class _ToFileOnly(logging.Filter):
+    """On a library's logger: hand each record to the run's log file, and to nothing else."""
+
+    def __init__(self, handler: logging.Handler) -> None:
+        super().__init__()
+        self.handler = handler
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= self.handler.level:
+            self.handler.handle(record)
+        return False
+
+
+def setup_logging(rank: int, log_file: Path | None = None, debug: bool = False) -> None:
+    """The console shows our lines: the ``trainer`` logger's (rank 0: info, other ranks: warnings and
+    errors, tagged with their rank), and what the progress sink prints.
+
+    With ``log_file``, everything else goes there instead: libraries' logging (DeepSpeed's compiler
+    probes and accelerator notices, torch's), Python warnings (torch.distributed's deprecations),
+    DeepSpeed's prints while it starts (``stdout_to_log``), and our own lines too. ``debug``
+    (``log_level=debug``): libraries log at debug level, and all of it comes to the console as well.
+    Call it before DeepSpeed is imported: it logs while it is imported.
+    """
+    level = logging.DEBUG if debug else logging.INFO
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(f"[rank{rank}] %(levelname)s %(name)s: %(message)s"))
+    console.setLevel(level if rank == 0 or debug else logging.WARNING)
+    ours = logging.getLogger("trainer")
+    _replace_handlers(ours, [console])
+    ours.setLevel(level)
+    ours.propagate = False
+    if log_file is None:
+        return
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    to_file = logging.FileHandler(log_file)
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    ours.addHandler(to_file)
+    root = logging.getLogger()
+    _replace_handlers(root, [to_file] + ([console] if debug else []))  # Hydra's console handler too
+    root.setLevel(level)
+    logging.captureWarnings(True)  # warnings.warn -> logger "py.warnings" -> root
+    for name in _OWN_HANDLERS:
+        library = logging.getLogger(name)
+        for f in [f for f in library.filters if isinstance(f, _ToFileOnly)]:
+            library.removeFilter(f)
+        if not debug:
+            library.addFilter(_ToFileOnly(to_file))
+
+
+def _replace_handlers(logger: logging.Logger, handlers: list[logging.Handler]) -> None:
+    for old in logger.handlers:
+        if isinstance(old, logging.FileHandler):
+            old.close()  # an earlier run of this process (a sweep member) opened it
+    logger.handlers[:] = handlers
+
+
+class _LogWriter:
+    """A text stream that logs each line it is given (at info, to ``logger``)."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger, self._pending = logger, ""
+
+    def write(self, text: str) -> int:
+        *lines, self._pending = (self._pending + text).split("\n")
+        for line in lines:
+            if line.strip():
+                self.logger.info(line)
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def stdout_to_log(name: str) -> Iterator[None]:
+    """Python-level prints inside the block become log records of ``name`` (so they go where
+    `setup_logging` sends library lines): DeepSpeed prints while it builds its ops."""
+    with contextlib.redirect_stdout(_LogWriter(logging.getLogger(name))):  # type: ignore[type-var]
+        yield

@@ -124,13 +124,17 @@ def run(cfg: DictConfig) -> None:
     if typed.engine.precision == "fp16" and not torch.cuda.is_available():
         raise ConfigError("engine.precision=fp16: DeepSpeed has no fp16 on CPU: use bf16 or fp32 there")
     prepare_run_dir(Path(typed.run_dir))
+    from trainer.metrics import setup_logging
+
+    rank = int(
+        os.environ.get("RANK", "0")
+    )  # set by torchrun (and for submitit members): before DeepSpeed logs
+    setup_logging(rank, Path(typed.run_dir) / "logs" / f"rank{rank}.log", typed.log_level == "debug")
 
     from trainer.distributed import init_distributed
     from trainer.loop import build_run, train
-    from trainer.metrics import setup_console_logging
 
     dist = init_distributed()
-    setup_console_logging(dist.rank)
     absolute_data_paths(cfg)
     check_sweep_member(cfg, Path(typed.run_dir))
     resolved = share_config(cfg, Path(typed.run_dir), dist.is_main)

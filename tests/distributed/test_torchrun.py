@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,17 @@ from tests.helpers import SHORT_RUN, assert_ok, read_metrics, run_module, torchr
 pytestmark = pytest.mark.distributed
 
 WORKER = str(Path(__file__).with_name("agree_worker.py"))
+
+# What a user's console may show of a run: the trainer's progress (stdout), its log lines (stderr,
+# tagged with the rank), and torchrun's own (glog-style lines from torch/distributed's launcher).
+OURS_STDOUT = re.compile(r"(perf|train|eval|ckpt) ")
+OURS_STDERR = re.compile(r"\[rank\d+\] |[IWE]\d{4} [\d:.]+ \d+ torch/distributed/(run|launcher|elastic)/")
+
+
+def foreign_lines(proc) -> list[str]:
+    """Console lines the trainer did not write (libraries': compiler probes, warnings)."""
+    out = [line for line in proc.stdout.splitlines() if line.strip() and not OURS_STDOUT.match(line)]
+    return out + [line for line in proc.stderr.splitlines() if line.strip() and not OURS_STDERR.match(line)]
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +53,11 @@ def test_two_ranks_train_like_one(tmp_path, cli_env, single_rank_losses, stage, 
     assert losses[-1] < losses[0] - 0.3, losses
     assert proc.stdout.count("train step") == 8  # rank 0 alone reports; the other rank is quiet
     assert "[rank1] INFO" not in proc.stderr
+    # Libraries' lines (DeepSpeed's accelerator notice and compiler probes, torch.distributed's
+    # deprecation warnings) are in each rank's log file, not on the console.
+    assert not foreign_lines(proc), foreign_lines(proc)
+    for rank in (0, 1):
+        assert "Setting accelerator to CPU" in (run_dir / "logs" / f"rank{rank}.log").read_text()
     # Same global batches, gradients averaged over ranks: the loss curve is the one-rank curve.
     assert losses == pytest.approx(single_rank_losses, rel=1e-4, abs=1e-5)
     assert (run_dir / "checkpoints" / "step-8").is_dir()

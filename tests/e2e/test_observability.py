@@ -171,3 +171,14 @@ def test_full_disk_under_wandb_files_is_a_warning_and_training_goes_on(tmp_path,
     assert free == 0  # the disk did fill up
     assert "the disk is full" in proc.stderr and "metrics.jsonl keeps them" in proc.stderr
     assert [e["step"] for e in read_metrics(tmp_path / "out")] == list(range(1, 31))
+
+
+def test_log_level_debug_shows_library_lines_on_the_console(tmp_path, cli_env):
+    """log_level=info (the default) keeps libraries' lines in <run_dir>/logs/ (tests/distributed
+    checks a 2-rank console); log_level=debug brings them to the console too."""
+    args = ["debug=fast", "max_steps=1", "eval_every=0", "log_level=debug", "run_dir=out"]
+    proc = run_module("trainer.train", args, tmp_path, cli_env)
+    assert_ok(proc)
+    assert "Setting accelerator to CPU" in proc.stderr + proc.stdout  # DeepSpeed's own logger
+    assert "INFO compilers.C.base: gcc" in proc.stderr  # its compiler probes
+    assert "Setting accelerator to CPU" in (tmp_path / "out" / "logs" / "rank0.log").read_text()
