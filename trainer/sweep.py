@@ -151,6 +151,12 @@ def member_exited(member_dir: Path, exc: SystemExit) -> MemberExit:
     return MemberExit(int(hydra_cfg.job.num), list(hydra_cfg.overrides.task), code, str(reason))
 
 
+def member_crashed(member_dir: Path, exc: Exception) -> None:
+    """A sweep member raised (a bug, not a refusal): its dir records it; Hydra reports the traceback."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        write_exit(member_dir, 1, f"{type(exc).__name__}: {exc}".splitlines()[0])
+
+
 def _injected(override: str) -> bool:
     return override.split("=", 1)[0].lstrip("+~") in INJECTED
 

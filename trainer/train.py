@@ -126,9 +126,8 @@ def run(cfg: DictConfig) -> None:
     prepare_run_dir(Path(typed.run_dir))
     from trainer.metrics import setup_logging
 
-    rank = int(
-        os.environ.get("RANK", "0")
-    )  # set by torchrun (and for submitit members): before DeepSpeed logs
+    # The rank torchrun (or SweepMember, for submitit) set: logging is set up before DeepSpeed logs.
+    rank = int(os.environ.get("RANK", "0"))
     setup_logging(rank, Path(typed.run_dir) / "logs" / f"rank{rank}.log", typed.log_level == "debug")
 
     from trainer.distributed import init_distributed
@@ -145,7 +144,7 @@ def run(cfg: DictConfig) -> None:
 
 @hydra.main(version_base="1.3", config_path=config_dir(), config_name="train")
 def _hydra_main(cfg: DictConfig) -> Any:
-    from trainer.sweep import member_exited, sweep_member_dir
+    from trainer.sweep import member_crashed, member_exited, sweep_member_dir
 
     member = sweep_member_dir()  # None: a single run
     try:
@@ -155,6 +154,10 @@ def _hydra_main(cfg: DictConfig) -> Any:
         if member is None or e.code in (0, None):
             raise
         return member_exited(member, e)  # recorded in the member's dir; re-raised outside this process
+    except Exception as e:  # a bug: Hydra reports it; the member's dir says so too
+        if member is not None:
+            member_crashed(member, e)
+        raise
     return None
 
 
