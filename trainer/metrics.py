@@ -251,17 +251,18 @@ def setup_console_logging(rank: int) -> None:
 _OWN_HANDLERS = ("DeepSpeed",)
 
 
-class _ToFileOnly(logging.Filter):
-    """On a library's logger: hand each record to the run's log file, and to nothing else."""
+class _CopyToFile(logging.Filter):
+    """On a library's logger: hand each record to the run's log file; let it through to the
+    library's own (console) handlers only if ``console``."""
 
-    def __init__(self, handler: logging.Handler) -> None:
+    def __init__(self, handler: logging.Handler, console: bool) -> None:
         super().__init__()
-        self.handler = handler
+        self.handler, self.console = handler, console
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno >= self.handler.level:
             self.handler.handle(record)
-        return False
+        return self.console
 
 
 def setup_logging(rank: int, log_file: Path | None = None, debug: bool = False) -> None:
@@ -289,15 +290,20 @@ def setup_logging(rank: int, log_file: Path | None = None, debug: bool = False) 
     to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     ours.addHandler(to_file)
     root = logging.getLogger()
-    _replace_handlers(root, [to_file] + ([console] if debug else []))  # Hydra's console handler too
+    handlers: list[logging.Handler] = [to_file]
+    if debug:  # on stdout, where Hydra's handler printed them: DeepSpeed silences stderr (fd 2) while
+        # it probes the compiler, which is when most of them come
+        libraries = logging.StreamHandler(sys.stdout)
+        libraries.setFormatter(console.formatter)
+        handlers.append(libraries)
+    _replace_handlers(root, handlers)  # Hydra's console handler goes
     root.setLevel(level)
     logging.captureWarnings(True)  # warnings.warn -> logger "py.warnings" -> root
     for name in _OWN_HANDLERS:
         library = logging.getLogger(name)
-        for f in [f for f in library.filters if isinstance(f, _ToFileOnly)]:
+        for f in [f for f in library.filters if isinstance(f, _CopyToFile)]:
             library.removeFilter(f)
-        if not debug:
-            library.addFilter(_ToFileOnly(to_file))
+        library.addFilter(_CopyToFile(to_file, console=debug))
 
 
 def _replace_handlers(logger: logging.Logger, handlers: list[logging.Handler]) -> None:
