@@ -3,10 +3,10 @@
     python -m trainer.sweep runs/sweeps/<name> [--csv FILE] [--markdown FILE]
 
 prints one row per member, best first: its overrides, final train and validation loss, validation
-bits per byte, tokens/s and status (done, stopped at a step, or failed / preempted with its exit
-code and reason) (best: lowest bits per byte when every member logged it, as members may differ in
-tokenizer; else lowest validation loss), and writes the same table as ``summary.csv`` and
-``summary.md`` into the sweep dir.
+bits per byte, tokens/s and status: done, stopped at a step, or failed / preempted with its exit
+code and reason. Best: lowest bits per byte when every member logged it (members may differ in
+tokenizer), else lowest validation loss. The same table goes to ``summary.csv`` and ``summary.md``
+in the sweep dir.
 It reads what every run leaves behind: ``<member>/config.yaml``, ``<member>/metrics.jsonl``,
 ``<member>/.hydra/overrides.yaml`` (Hydra writes it for sweep members only) and ``<member>/exit.json``
 (a member that exited early: its code and one-line reason).
