@@ -19,6 +19,7 @@ DeepSpeed itself loads (with ``weights_only=False``): only resume from checkpoin
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -173,15 +174,16 @@ class Saver:
 
     def save(self, engine, step: int, trainer_state: dict[str, Any]) -> dict[str, float]:
         """Save at ``step``; returns ``blocked_s`` (all the loop waited) and ``wait_s`` (of that, for
-        the previous save's write)."""
+        the previous save's write, if it was still running: saves come faster than they write)."""
         t0 = time.perf_counter()
         if not self.asynchronous:
             blocked = save(engine, self.root.parent, step, trainer_state, self.dist, self.keep_last)
             return {"blocked_s": blocked, "wait_s": 0.0}
-        if self.pending is not None and self.pending.thread is not None and self.pending.thread.is_alive():
+        busy = self.pending is not None and self.pending.thread is not None and self.pending.thread.is_alive()
+        if busy:
             log.info("checkpoint at step %d waits for the write of step %d", step, self.pending.step)
         self.finish()  # at most one in flight
-        waited = time.perf_counter() - t0
+        waited = time.perf_counter() - t0 if busy else 0.0
         final, partial = self.root / f"step-{step}", self.root / f"step-{step}.partial"
         if (final / COMPLETE).is_file():
             return {"blocked_s": time.perf_counter() - t0, "wait_s": waited}
@@ -210,6 +212,7 @@ class Saver:
         return {"blocked_s": time.perf_counter() - t0, "wait_s": waited}
 
     def _write(self, write: _Write, inner, files: list[tuple[Any, str]], own: list[Path]) -> None:
+        _lower_priority()  # the step loop's threads come first; the write takes what they leave
         try:
             for state, path in files:
                 inner.save(state, path)  # DeepSpeed's own writer (torch.save, its serialization)
@@ -318,6 +321,12 @@ class _HostPool:
         for buf in self.used:
             self.free.setdefault((buf.numel(), buf.dtype, buf.is_pinned()), []).append(buf)
         self.used = []
+
+
+def _lower_priority(niceness: int = 10) -> None:
+    """Lower the calling thread's CPU priority (Linux: nice is per thread; elsewhere a no-op)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
 
 
 def pin_memory(device: torch.device) -> bool:
