@@ -308,18 +308,19 @@ class _HostPool:
 
     def __init__(self) -> None:
         self.free: dict[tuple, list[torch.Tensor]] = {}
-        self.used: list[torch.Tensor] = []
+        self.used: list[tuple[tuple, torch.Tensor]] = []
 
     def take(self, like: torch.Tensor) -> torch.Tensor:
         key = (like.numel(), like.dtype, pin_memory(like.device))
         free = self.free.get(key)
         buf = free.pop() if free else torch.empty(like.numel(), dtype=like.dtype, pin_memory=key[2])
-        self.used.append(buf)
+        self.used.append((key, buf))
         return buf.view(like.shape)
 
     def release(self) -> None:
-        for buf in self.used:
-            self.free.setdefault((buf.numel(), buf.dtype, buf.is_pinned()), []).append(buf)
+        """The write that used the buffers is done: the next snapshot may overwrite them."""
+        for key, buf in self.used:
+            self.free.setdefault(key, []).append(buf)
         self.used = []
 
 
@@ -342,7 +343,7 @@ def _snapshot(obj: Any, pool: _HostPool, memo: dict | None = None) -> Any:
         key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.shape, obj.stride(), obj.dtype)
         if key not in memo:
             out = pool.take(obj)
-            out.copy_(obj.detach(), non_blocking=out.is_pinned())
+            out.copy_(obj.detach(), non_blocking=pin_memory(obj.device))
             if isinstance(obj, torch.nn.Parameter):
                 out = torch.nn.Parameter(out, requires_grad=obj.requires_grad)
             memo[key] = out

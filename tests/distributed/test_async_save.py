@@ -21,6 +21,7 @@ pytestmark = pytest.mark.distributed
 WORKER = str(Path(__file__).with_name("async_save_worker.py"))
 
 
+@pytest.mark.slow  # a 2-rank run
 def test_async_save_holds_the_moment_it_was_taken_and_waits_for_the_previous_write(tmp_path, cli_env):
     args = [WORKER, str(tmp_path), *SHORT_RUN, "engine=zero2", "run_dir=out"]
     assert_ok(torchrun(2, args, tmp_path, cli_env))
@@ -37,6 +38,7 @@ def test_async_save_holds_the_moment_it_was_taken_and_waits_for_the_previous_wri
     assert len(shards) == 2  # each rank wrote its own ZeRO partition
 
 
+@pytest.mark.slow  # three runs
 def test_kill_9_during_a_background_write_resumes_from_the_previous_checkpoint(tmp_path, cli_env):
     """Killed after a save's snapshot, while its write is in flight (not yet published): the
     restart resumes from the save before, and the losses are those of an uninterrupted run."""
