@@ -19,6 +19,8 @@ DeepSpeed itself loads (with ``weights_only=False``): only resume from checkpoin
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import json
 import logging
 import os
@@ -26,14 +28,17 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from trainer.config import CheckpointConfig, ConfigError
-from trainer.distributed import DistInfo, barrier
+from trainer.distributed import DistInfo, any_rank, barrier, gather_to_main
+from trainer.guard import TrainingHalted
 
 log = logging.getLogger("trainer")
 
@@ -70,34 +75,289 @@ def save(
     final, partial = root / f"step-{step}", root / f"step-{step}.partial"
     if (final / COMPLETE).is_file():  # e.g. a signal right after the periodic save of this step
         return 0.0
+    _prepare(partial, final, dist)
+    try:
+        _write_own_files(partial, trainer_state, dist)
+        _save_engine(engine, root, partial)  # DeepSpeed writes its shards and synchronises the ranks
+        if dist.is_main:
+            _publish(root, partial, final, step, keep_last)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        raise _failure(root, partial, final, dist, f"{type(e).__name__}: {str(e).splitlines()[0]}") from None
+    barrier()
+    return time.perf_counter() - t0
+
+
+def _prepare(partial: Path, final: Path, dist: DistInfo) -> None:
     if dist.is_main:
         shutil.rmtree(partial, ignore_errors=True)  # left by a save that died
         shutil.rmtree(final, ignore_errors=True)  # no COMPLETE: left by a deletion that died
         partial.mkdir(parents=True)
     barrier()
-    try:
-        torch.save(_rng_state(), partial / f"rng-rank{dist.rank}.pt")
-        if dist.is_main:
-            _write_json(partial / STATE, trainer_state | {"world_size": dist.world_size})
-        # DeepSpeed writes its shards and synchronises the ranks; `latest` is ours to move.
-        client = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
-        engine.save_checkpoint(str(root), tag=partial.name, client_state=client, save_latest=False)
-        if dist.is_main:
-            _fsync_tree(partial)
-            _write_json(partial / COMPLETE, {"step": step, "time": time.time()})
-            os.replace(partial, final)
-            _write_text(root / "latest", final.name)
-            _prune(root, keep_last)
-    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        if dist.is_main:
-            shutil.rmtree(partial, ignore_errors=True)  # give back the space; it was never valid
-        good = complete_checkpoints(root)
-        intact = f"{good[-1]} is intact" if good else "there is no earlier checkpoint"
-        free = shutil.disk_usage(root).free / 2**20
-        msg = f"saving {final} failed on rank {dist.rank} ({type(e).__name__}: {str(e).splitlines()[0]}; "
-        raise CheckpointError(msg + f"{free:.1f} MiB free there); {intact}") from None
-    barrier()
-    return time.perf_counter() - t0
+
+
+def _write_own_files(partial: Path, trainer_state: dict[str, Any], dist: DistInfo) -> list[Path]:
+    """This rank's RNG state and (rank 0) the trainer state: small, written in the step loop."""
+    written = [partial / f"rng-rank{dist.rank}.pt"]
+    torch.save(_rng_state(), written[0])
+    if dist.is_main:
+        written.append(partial / STATE)
+        _write_json(written[-1], trainer_state | {"world_size": dist.world_size})
+    return written
+
+
+def _save_engine(engine, root: Path, partial: Path) -> None:
+    # `latest` is ours to move, once the checkpoint is complete.
+    client = {"universal_checkpoint_info": {"universal_checkpoint_version": 0.2}}
+    engine.save_checkpoint(str(root), tag=partial.name, client_state=client, save_latest=False)
+
+
+def _publish(root: Path, partial: Path, final: Path, step: int, keep_last: int) -> None:
+    """Rank 0, once every rank's files are written: make them durable, then claim they are."""
+    _fsync_tree(partial)
+    _write_json(partial / COMPLETE, {"step": step, "time": time.time()})
+    os.replace(partial, final)
+    _write_text(root / "latest", final.name)
+    _prune(root, keep_last)
+
+
+def _failure(
+    root: Path, partial: Path, final: Path, dist: DistInfo, why: str, rank: int | None = None
+) -> CheckpointError:
+    """The one-line error of a save that failed (on ``rank``, this one by default), naming what is intact."""
+    if dist.is_main:
+        shutil.rmtree(partial, ignore_errors=True)  # give back the space; it was never valid
+    good = complete_checkpoints(root)
+    intact = f"{good[-1]} is intact" if good else "there is no earlier checkpoint"
+    free = shutil.disk_usage(root).free / 2**20
+    msg = f"saving {final} failed on rank {dist.rank if rank is None else rank} ({why}; "
+    return CheckpointError(msg + f"{free:.1f} MiB free there); {intact}")
+
+
+@dataclass
+class _Write:
+    """A save whose snapshot is taken and whose files are being written in the background."""
+
+    step: int
+    partial: Path
+    final: Path
+    started: float
+    thread: threading.Thread | None = None
+    error: str | None = None  # set by the thread: why this rank's write failed
+    write_s: float = 0.0  # set by the thread: how long this rank's write took
+
+
+class Saver:
+    """Checkpoint saves for the step loop: synchronous, or asynchronous (``checkpoint.async_save``).
+
+    An asynchronous save blocks the loop only while DeepSpeed's state dicts are copied to host
+    memory (our CheckpointEngine, below, stands in for DeepSpeed's during the call); a
+    background thread then writes and fsyncs this rank's files through DeepSpeed's own engine.
+    ``poll`` (every step) publishes the save, with the same steps as a synchronous one, once
+    every rank's write is durable: one small collective per step while a write is in flight,
+    so every rank agrees on when (and whether) it is complete. At most one save is in flight:
+    the next one first waits for it. A failed write (any rank) stops every rank with one line
+    naming the intact checkpoint; a process killed mid-write leaves only ``step-<N>.partial``.
+    """
+
+    def __init__(
+        self,
+        dist: DistInfo,
+        root: Path,
+        keep_last: int,
+        asynchronous: bool,
+        log_event: Callable[[dict[str, Any]], None] = lambda event: None,
+    ) -> None:
+        self.dist, self.root, self.keep_last, self.asynchronous = dist, root, keep_last, asynchronous
+        self.log_event = log_event  # gets each publication's metrics event
+        self.pool = _HostPool()
+        self.pending: _Write | None = None
+
+    def save(self, engine, step: int, trainer_state: dict[str, Any]) -> dict[str, float]:
+        """Save at ``step``; returns ``blocked_s`` (all the loop waited) and ``wait_s`` (of that, for
+        the previous save's write, if it was still running: saves come faster than they write)."""
+        t0 = time.perf_counter()
+        if not self.asynchronous:
+            blocked = save(engine, self.root.parent, step, trainer_state, self.dist, self.keep_last)
+            return {"blocked_s": blocked, "wait_s": 0.0}
+        busy = self.pending is not None and self.pending.thread is not None and self.pending.thread.is_alive()
+        if busy:
+            log.info("checkpoint at step %d waits for the write of step %d", step, self.pending.step)
+        self.finish()  # at most one in flight
+        waited = time.perf_counter() - t0 if busy else 0.0
+        final, partial = self.root / f"step-{step}", self.root / f"step-{step}.partial"
+        if (final / COMPLETE).is_file():
+            return {"blocked_s": time.perf_counter() - t0, "wait_s": waited}
+        _prepare(partial, final, self.dist)
+        try:
+            own = _write_own_files(partial, trainer_state, self.dist)
+            snapshots = _SnapshotEngine(engine.checkpoint_engine, self.pool)
+            engine.checkpoint_engine, inner = snapshots, engine.checkpoint_engine
+            try:
+                _save_engine(engine, self.root, partial)
+            finally:
+                engine.checkpoint_engine = inner
+        except (OSError, RuntimeError) as e:
+            raise _failure(
+                self.root, partial, final, self.dist, f"{type(e).__name__}: {str(e).splitlines()[0]}"
+            ) from None
+        write = _Write(step, partial, final, time.perf_counter())
+        write.thread = threading.Thread(
+            target=self._write,
+            args=(write, inner, snapshots.files, own),
+            name=f"checkpoint-{step}",
+            daemon=True,
+        )
+        write.thread.start()
+        self.pending = write
+        return {"blocked_s": time.perf_counter() - t0, "wait_s": waited}
+
+    def _write(self, write: _Write, inner, files: list[tuple[Any, str]], own: list[Path]) -> None:
+        _lower_priority()  # the step loop's threads come first; the write takes what they leave
+        try:
+            for state, path in files:
+                inner.save(state, path)  # DeepSpeed's own writer (torch.save, its serialization)
+                _fsync(Path(path))
+            for path in own:
+                _fsync(path)
+        except BaseException as e:  # noqa: BLE001 - any failure is reported by the loop, on every rank
+            write.error = f"{type(e).__name__}: {(str(e).splitlines() or ['no message'])[0]}"
+        finally:
+            files.clear()  # the snapshot's buffers go back to the pool
+            write.write_s = time.perf_counter() - write.started
+
+    def poll(self, block: bool = False) -> None:
+        """Publish the save in flight if every rank has written it (``block``: wait for that).
+
+        Every rank calls it at the same steps: while a write is in flight it is a collective.
+        """
+        write = self.pending
+        if write is None or write.thread is None:
+            return
+        if block:
+            write.thread.join()
+        running, failed = any_rank([write.thread.is_alive(), write.error is not None], self.dist)
+        if running:
+            return
+        self.pending = None
+        self.pool.release()
+        if failed:
+            errors = gather_to_main(write.error, self.dist) or []
+            why, rank = write.error, None
+            if why is None:  # another rank's write failed: rank 0 names it
+                rank, why = next(
+                    ((r, e) for r, e in enumerate(errors) if e), (None, "another rank's write failed")
+                )
+            raise _failure(self.root, write.partial, write.final, self.dist, why, rank)
+        error = None
+        if self.dist.is_main:
+            try:
+                _publish(self.root, write.partial, write.final, write.step, self.keep_last)
+            except OSError as e:
+                error = f"{type(e).__name__}: {str(e).splitlines()[0]}"
+        if any_rank([error is not None], self.dist)[0]:
+            why = error or "rank 0 could not publish it"
+            raise _failure(self.root, write.partial, write.final, self.dist, why, rank=0)
+        self.log_event({"event": "checkpoint_complete", "step": write.step, "write_s": write.write_s})
+
+    def finish(self) -> None:
+        """Wait for the save in flight and publish it (every rank, at the same point)."""
+        self.poll(block=True)
+
+    def __enter__(self) -> Saver:
+        return self
+
+    def __exit__(self, kind, exc, tb) -> None:
+        # The run ends (or the guard halted every rank at the same step: its save in flight
+        # predates the bad step): publish it. Any other error may be one rank's alone, where a
+        # collective would hang; its save stays a .partial that resume skips.
+        if kind is None or issubclass(kind, TrainingHalted):
+            self.finish()
+
+
+class _SnapshotEngine:
+    """Stands in for DeepSpeed's checkpoint engine (its CheckpointEngine interface) during an
+    asynchronous save: each state dict DeepSpeed hands over is copied to host memory (the step
+    loop may change the original as soon as ``save_checkpoint`` returns) and kept, with its
+    path, for the background write. Everything else is DeepSpeed's own engine's."""
+
+    def __init__(self, inner, pool: _HostPool) -> None:
+        self.inner, self.pool = inner, pool
+        self.files: list[tuple[Any, str]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def create(self, info) -> None:
+        pass
+
+    def save(self, state_dict, path: str) -> None:
+        self.files.append((_snapshot(state_dict, self.pool), path))
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the non-blocking copies into pinned memory have landed
+
+    def commit(self, info) -> bool:
+        return True  # publication is the Saver's, once every rank's write is durable
+
+    def preserves_storage_sharing(self) -> bool:
+        return False  # the snapshot copies each tensor on its own: no clone needed first
+
+
+class _HostPool:
+    """Host buffers for snapshots, kept for the next save (allocating and faulting in a state's
+    worth of memory, pinned on GPUs, would cost as much as the copy)."""
+
+    def __init__(self) -> None:
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.used: list[tuple[tuple, torch.Tensor]] = []
+
+    def take(self, like: torch.Tensor) -> torch.Tensor:
+        key = (like.numel(), like.dtype, pin_memory(like.device))
+        free = self.free.get(key)
+        buf = free.pop() if free else torch.empty(like.numel(), dtype=like.dtype, pin_memory=key[2])
+        self.used.append((key, buf))
+        return buf.view(like.shape)
+
+    def release(self) -> None:
+        """The write that used the buffers is done: the next snapshot may overwrite them."""
+        for key, buf in self.used:
+            self.free.setdefault(key, []).append(buf)
+        self.used = []
+
+
+def _lower_priority(niceness: int = 10) -> None:
+    """Lower the calling thread's CPU priority (Linux: nice is per thread; elsewhere a no-op)."""
+    with contextlib.suppress(AttributeError, OSError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
+
+
+def pin_memory(device: torch.device) -> bool:
+    """Snapshots of GPU tensors go to pinned host memory (fast, asynchronous copies)."""
+    return device.type == "cuda"
+
+
+def _snapshot(obj: Any, pool: _HostPool, memo: dict | None = None) -> Any:
+    """A host copy of a state dict: tensors copied (views of one storage stay shared), containers
+    rebuilt, other values deep-copied, so that nothing the step loop changes later reaches it."""
+    memo = {} if memo is None else memo
+    if isinstance(obj, torch.Tensor):
+        key = (obj.untyped_storage().data_ptr(), obj.storage_offset(), obj.shape, obj.stride(), obj.dtype)
+        if key not in memo:
+            out = pool.take(obj)
+            out.copy_(obj.detach(), non_blocking=pin_memory(obj.device))
+            if isinstance(obj, torch.nn.Parameter):
+                out = torch.nn.Parameter(out, requires_grad=obj.requires_grad)
+            memo[key] = out
+        return memo[key]
+    if isinstance(obj, dict):
+        out = copy.copy(obj)  # keeps the type and attributes (a module state dict's _metadata)
+        for k, v in obj.items():
+            out[k] = _snapshot(v, pool, memo)
+        return out
+    if isinstance(obj, list):
+        return [_snapshot(v, pool, memo) for v in obj]
+    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+        return tuple(_snapshot(v, pool, memo) for v in obj)
+    return copy.deepcopy(obj)
 
 
 def _prune(root: Path, keep_last: int) -> None:
@@ -245,8 +505,12 @@ def _fsync_tree(directory: Path) -> None:
     of the process, must not leave a COMPLETE checkpoint with missing data)."""
     for path in directory.rglob("*"):
         if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            _fsync(path)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -210,6 +210,10 @@ class CheckpointConfig:
     keep_last: int = 3  # complete checkpoints kept; older ones are deleted after a new one completes
     save_final: bool = True
     resume: str = "auto"  # auto (newest complete one in run_dir) | none | <path to a step directory>
+    # true: a save blocks the step loop only while it copies the state to host memory; the write
+    # goes on in the background and the checkpoint is published (COMPLETE, latest) once every
+    # rank's write is durable. Costs one host copy of the state (pinned on GPUs), kept for reuse.
+    async_save: bool = True
 
     def __post_init__(self) -> None:
         _positive("checkpoint.every_steps", self.every_steps, allow_zero=True)

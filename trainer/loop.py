@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -183,8 +184,10 @@ def fit(run: Run, sink: MetricsSink, stop: StopSignal) -> None:
     sink.log({"event": "perf", "step": state.step} | meter.describe())
     losses: list[float] = []
     run.engine.train()
+    root = checkpoint.checkpoint_root(Path(cfg.run_dir))
+    saver = checkpoint.Saver(run.dist, root, cfg.checkpoint.keep_last, cfg.checkpoint.async_save, sink.log)
     profiling = StepProfiler(cfg.profile, Path(cfg.run_dir), run.dist.rank, run.dist.device)
-    with profiling as profiler, ScheduledGC(cfg.gc_every) as collector:
+    with profiling as profiler, saver, ScheduledGC(cfg.gc_every) as collector:
         while state.step < run.total_steps:
             profiler.before_step(state.step + 1)
             meter.step_start()
@@ -208,10 +211,13 @@ def fit(run: Run, sink: MetricsSink, stop: StopSignal) -> None:
                 losses.clear()
             if cfg.eval_every and (state.step % cfg.eval_every == 0 or last):
                 log_eval(run, sink, byte_lengths)
+            saver.poll()  # publishes the save in flight once every rank's write is durable
             every = cfg.checkpoint.every_steps
             periodic = (every and state.step % every == 0) or control.save_due
             if periodic or control.stop_requested or (last and cfg.checkpoint.save_final):
-                meter.add_checkpoint(save_checkpoint(run, sink, control))
+                meter.add_checkpoint(
+                    save_checkpoint(run, sink, control, saver, last or control.stop_requested)
+                )
             if control.stop_requested and not last:
                 stop.ignore_further()
                 msg = f"stopped on request after step {state.step}; a restart resumes from there"
@@ -250,14 +256,24 @@ def record_skip(run: Run, sink: MetricsSink, control: StepControl, batch: dict[s
     sink.log({"event": "skip", "step": control.step, "reason": reason, "sample_ids": sample_ids})
 
 
-def save_checkpoint(run: Run, sink: MetricsSink, control: StepControl) -> float:
+def save_checkpoint(
+    run: Run, sink: MetricsSink, control: StepControl, saver: checkpoint.Saver, final: bool
+) -> float:
+    """Save this step; returns the seconds the step loop was blocked (with async saves: the
+    snapshot, plus any wait for the previous save's write; a final save waits for its own)."""
     run.state.loss_window = list(control.window)
     state = {"trainer": run.state.state_dict(), "loader": run.data.train.state_dict()}
-    keep = run.cfg.checkpoint.keep_last
-    seconds = checkpoint.save(run.engine, Path(run.cfg.run_dir), run.state.step, state, run.dist, keep)
+    times = saver.save(run.engine, run.state.step, state)
     control.saved()
-    sink.log({"event": "checkpoint", "step": run.state.step, "save_s": seconds})
-    return seconds
+    event = {"event": "checkpoint", "step": run.state.step, "save_s": times["blocked_s"]}
+    if saver.asynchronous:
+        event |= {"wait_s": times["wait_s"], "async": True}
+    sink.log(event)
+    if final:  # the run exits after this save: only once it is complete and published
+        t0 = time.perf_counter()
+        saver.finish()
+        times["blocked_s"] += time.perf_counter() - t0
+    return times["blocked_s"]
 
 
 def log_train(

@@ -203,7 +203,12 @@ def format_event(e: dict[str, Any]) -> str:
             line += f"mem {mem:.2f} GB | "
         return line + f"eta {_hms(e['eta_s'])}"
     if e["event"] == "checkpoint":
+        if e.get("async"):  # the write goes on in the background: checkpoint_complete follows
+            waited = f" (waited {e['wait_s']:.2f} s for the previous write)" if e["wait_s"] >= 0.01 else ""
+            return f"ckpt  step {e['step']:>6} | snapshot in {e['save_s']:.2f} s{waited}, writing"
         return f"ckpt  step {e['step']:>6} | saved in {e['save_s']:.2f} s"
+    if e["event"] == "checkpoint_complete":
+        return f"ckpt  step {e['step']:>6} | complete (written in {e['write_s']:.2f} s)"
     if e["event"] == "skip":
         return f"skip  step {e['step']:>6} | {e['reason']} | {len(e['sample_ids'])} samples recorded"
     if e["event"] == "perf":
