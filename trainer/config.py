@@ -425,7 +425,8 @@ class GenerateConfig:
             raise ConfigError("prompt is empty: give some text to continue, e.g. prompt='Once upon a time'")
         _positive("max_new_tokens", self.max_new_tokens)
         _positive("batch_size", self.batch_size)
-        _positive("temperature", self.temperature, allow_zero=True)
+        if not 0.0 <= self.temperature < float("inf"):  # nan too
+            raise ConfigError(f"temperature={self.temperature} must be a finite number >= 0 (0: greedy)")
         _positive("top_k", self.top_k, allow_zero=True)
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")
