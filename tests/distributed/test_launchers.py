@@ -219,8 +219,8 @@ def test_unreachable_rendezvous_gives_up_after_the_timeout(tmp_path, env):
         (["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", "0"], "works on one node only"),
         # Leading zeros are decimal (bash arithmetic would read 08 as a bad octal number).
         (["--nproc", "08", "--nnodes", "02"], "--nnodes=2 needs --master-addr"),
-        (["--nnodes", "02", "--node-rank", "09", "--master-addr", "127.0.0.1"], "--node-rank=9 must be one of 0..1"),
-        (["--nnodes", "02", "--master-addr", "127.0.0.1", "--master-port", "099999"], "--master-port=99999 is not"),
+        (["--nnodes", "02", "--node-rank", "09", "--master-addr", "127.0.0.1"], "--node-rank=9 must be one"),
+        (["--nnodes", "02", "--master-addr", "localhost", "--master-port", "099999"], "port=99999"),
         (["--rdzv-timeout", "00"], "must be >= 1"),
     ],
 )
@@ -229,7 +229,7 @@ def test_bad_flags(tmp_path, env, args, needle):
     proc = run_script(TORCHRUN_SH, ["debug=fast", *args], tmp_path, env, timeout=60)
     _fails_fast(proc, needle, 30, t0)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()], proc.stderr  # our one line, no bash error
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # our one line, no bash error first
 
 
 def test_sbatch_script_outside_slurm(tmp_path, env):
