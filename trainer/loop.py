@@ -73,6 +73,8 @@ class Run:
 
 def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
     """Data, model, engine, then the newest checkpoint (if resuming): ready to step."""
+    # micro_batch_size=auto becomes a number where the world size is known: what follows reads it.
+    cfg = dataclasses.replace(cfg, micro_batch_size=cfg.micro_batch(dist.world_size))
     step_dir = checkpoint.resume_dir(cfg.checkpoint, Path(cfg.run_dir))
     checkpoint.check_start(Path(cfg.run_dir), step_dir, cfg.checkpoint.resume)
     # Then: on CPU the peak is measured, and the loader's threads or W&B's process would steal
