@@ -119,6 +119,7 @@ def test_an_explicit_damaged_checkpoint_stops_naming_the_file(saved, tmp_path, n
     assert step2.is_dir()  # a checkpoint named explicitly is left where it is
 
 
+@pytest.mark.slow
 def test_damage_one_rank_sees_moves_both_ranks_to_the_older_checkpoint(saved, tmp_path, base_env):
     """Rank r verifies the zip contents of every W-th torch file (sorted by name): rank 1 alone
     reads rank 0's optimizer shard. A same-size flip inside it must still send both ranks back."""
