@@ -34,7 +34,7 @@ import torch
 
 from trainer.checkpoint_verify import COMPLETE, STATE, damage, file_sizes
 from trainer.config import CheckpointConfig, ConfigError
-from trainer.distributed import DistInfo, barrier
+from trainer.distributed import DistInfo, any_rank, barrier
 
 log = logging.getLogger("trainer")
 
@@ -146,7 +146,9 @@ def resume_dir(cfg: CheckpointConfig, run_dir: Path, dist: DistInfo | None = Non
         aside = _move_aside(candidate, dist)
         instead = f"resuming from {complete[-1].name} instead" if complete else "none older: starting over"
         if dist.is_main:
-            log.warning("checkpoint %s is damaged (%s); moved to %s; %s", candidate, problem, aside, instead)
+            log.warning(
+                "checkpoint %s is damaged (%s); moved to %s; %s", candidate, problem, aside.name, instead
+            )
     return None
 
 
@@ -174,9 +176,17 @@ def _move_aside(step_dir: Path, dist: DistInfo) -> Path:
     aside, n = step_dir.with_name(step_dir.name + ".damaged"), 1
     while aside.exists():
         aside, n = step_dir.with_name(f"{step_dir.name}.damaged-{n}"), n + 1
+    failed = None
     if dist.is_main:
-        os.replace(step_dir, aside)
-    barrier()
+        try:
+            os.replace(step_dir, aside)
+        except OSError as e:
+            failed = e.strerror or type(e).__name__
+    if any_rank([failed is not None], dist)[0]:  # every rank stops alike (a barrier too)
+        raise ConfigError(
+            f"checkpoint {step_dir} is damaged and could not be moved aside ({failed or 'on rank 0'}): "
+            "move it out of checkpoints/ yourself, or set checkpoint.resume to an intact checkpoint"
+        )
     return aside
 
 
