@@ -63,9 +63,11 @@ fi
 for pair in "nproc:$nproc" "nnodes:$nnodes" "max-restarts:$max_restarts" "rdzv-timeout:$rdzv_timeout"; do
   [[ ${pair#*:} =~ ^[0-9]+$ ]] || die "--${pair%%:*}=${pair#*:} is not a whole number"
 done
+# Base 10 from here on: bash arithmetic reads a leading zero as octal (08 is an error there).
+nproc=$((10#$nproc)) nnodes=$((10#$nnodes)) max_restarts=$((10#$max_restarts)) rdzv_timeout=$((10#$rdzv_timeout))
 ((nproc >= 1 && nnodes >= 1 && rdzv_timeout >= 1)) ||
   die "--nproc, --nnodes and --rdzv-timeout must be >= 1"
-[[ $node_rank =~ ^[0-9]+$ ]] && ((node_rank < nnodes)) ||
+[[ $node_rank =~ ^[0-9]+$ ]] && node_rank=$((10#$node_rank)) && ((node_rank < nnodes)) ||
   die "--node-rank=$node_rank must be one of 0..$((nnodes - 1)) (NODE_RANK, with --nnodes=$nnodes)"
 
 if ((nnodes == 1)); then
@@ -75,7 +77,7 @@ else
   [[ -n $master_addr ]] || die "--nnodes=$nnodes needs --master-addr (MASTER_ADDR): the host of node rank 0"
   master_port=${master_port:-29500}
 fi
-[[ $master_port =~ ^[0-9]+$ ]] && ((master_port <= 65535)) ||
+[[ $master_port =~ ^[0-9]+$ ]] && master_port=$((10#$master_port)) && ((master_port <= 65535)) ||
   die "--master-port=$master_port is not a port number"
 ((nnodes == 1 || master_port > 0)) ||
   die "--master-port=0 (any free port) works on one node only: give every node the same port"

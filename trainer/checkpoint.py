@@ -36,14 +36,13 @@ from typing import Any, Callable
 
 import torch
 
+from trainer.checkpoint_verify import COMPLETE, STATE, damage, file_sizes
 from trainer.config import CheckpointConfig, ConfigError
 from trainer.distributed import DistInfo, any_rank, barrier, gather_to_main
 from trainer.guard import TrainingHalted
 
 log = logging.getLogger("trainer")
 
-COMPLETE = "COMPLETE"
-STATE = "trainer_state.json"
 UNIVERSAL = "universal"  # DeepSpeed's world-size-independent form, converted on demand
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
@@ -114,7 +113,7 @@ def _save_engine(engine, root: Path, partial: Path) -> None:
 def _publish(root: Path, partial: Path, final: Path, step: int, keep_last: int) -> None:
     """Rank 0, once every rank's files are written: make them durable, then claim they are."""
     _fsync_tree(partial)
-    _write_json(partial / COMPLETE, {"step": step, "time": time.time()})
+    _write_json(partial / COMPLETE, {"step": step, "time": time.time(), "files": file_sizes(partial)})
     os.replace(partial, final)
     _write_text(root / "latest", final.name)
     _prune(root, keep_last)
@@ -368,8 +367,14 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)  # only rank 0 saves, and it just finished
 
 
-def resume_dir(cfg: CheckpointConfig, run_dir: Path) -> Path | None:
-    """The complete step directory to resume from, or None to start fresh."""
+def resume_dir(cfg: CheckpointConfig, run_dir: Path, dist: DistInfo | None = None) -> Path | None:
+    """The complete, intact step directory to resume from, or None to start fresh.
+
+    ``auto``: the newest complete checkpoint that every rank finds intact; a damaged one is named,
+    moved aside to ``step-<N>.damaged`` (its saves would collide with the resumed run's) and the
+    next older one is tried. An explicit directory that is damaged stops the run, naming the file.
+    """
+    dist = dist or DistInfo(0, 1, 0, torch.device("cpu"))
     if cfg.resume == "none":
         return None
     if cfg.resume != "auto":
@@ -379,15 +384,70 @@ def resume_dir(cfg: CheckpointConfig, run_dir: Path) -> Path | None:
                 f"checkpoint.resume={cfg.resume} is not a complete checkpoint (no {COMPLETE} and {STATE}): "
                 "point it at <run_dir>/checkpoints/step-<N>"
             )
+        problem = _agreed_damage(path, dist)
+        if problem:
+            raise ConfigError(
+                f"checkpoint.resume={cfg.resume} is damaged ({problem}): point checkpoint.resume at "
+                "another checkpoint (auto: the newest intact one)"
+            )
         return path
     root = checkpoint_root(run_dir)
-    complete = complete_checkpoints(root)
+    complete = _rank0_list(complete_checkpoints(root), dist)  # the same candidates on every rank
     newest = _step(complete[-1]) if complete else -1
     for p in sorted(root.glob("step-*")):
         m = _STEP_DIR.match(p.name)
-        if p not in complete and (m is None or int(m.group(1)) > newest):
+        if p not in complete and ".damaged" not in p.name and (m is None or int(m.group(1)) > newest):
             log.warning("skipping incomplete checkpoint %s (its save did not finish)", p)
-    return complete[-1] if complete else None
+    while complete:
+        candidate = complete.pop()
+        problem = _agreed_damage(candidate, dist)
+        if problem is None:
+            return candidate
+        aside = _move_aside(candidate, dist)
+        instead = f"resuming from {complete[-1].name} instead" if complete else "none older: starting over"
+        if dist.is_main:
+            log.warning(
+                "checkpoint %s is damaged (%s); moved to %s; %s", candidate, problem, aside.name, instead
+            )
+    return None
+
+
+def _agreed_damage(step_dir: Path, dist: DistInfo) -> str | None:
+    """Damage any rank found in ``step_dir`` (the lowest such rank's finding), the same on every
+    rank, so that a problem only one rank sees never splits the group."""
+    mine = damage(step_dir, dist.rank, dist.world_size)
+    if dist.world_size == 1:
+        return mine
+    found: list[str | None] = [None] * dist.world_size
+    torch.distributed.all_gather_object(found, mine, group=dist.cpu_group)
+    return next((f"{p} (seen by rank {r})" for r, p in enumerate(found) if p), None)
+
+
+def _rank0_list(paths: list[Path], dist: DistInfo) -> list[Path]:
+    if dist.world_size == 1:
+        return paths
+    box = [paths]
+    torch.distributed.broadcast_object_list(box, src=0, group=dist.cpu_group)
+    return box[0]
+
+
+def _move_aside(step_dir: Path, dist: DistInfo) -> Path:
+    """Rename a damaged checkpoint out of auto-resume's and pruning's way, keeping it to inspect."""
+    aside, n = step_dir.with_name(step_dir.name + ".damaged"), 1
+    while aside.exists():
+        aside, n = step_dir.with_name(f"{step_dir.name}.damaged-{n}"), n + 1
+    failed = None
+    if dist.is_main:
+        try:
+            os.replace(step_dir, aside)
+        except OSError as e:
+            failed = e.strerror or type(e).__name__
+    if any_rank([failed is not None], dist)[0]:  # every rank stops alike (a barrier too)
+        raise ConfigError(
+            f"checkpoint {step_dir} is damaged and could not be moved aside ({failed or 'on rank 0'}): "
+            "move it out of checkpoints/ yourself, or set checkpoint.resume to an intact checkpoint"
+        )
+    return aside
 
 
 def in_run_dir(step_dir: Path, run_dir: Path) -> bool:
@@ -446,10 +506,11 @@ def load(engine, step_dir: Path, dist: DistInfo, universal: bool = False) -> dic
     try:
         path, _ = engine.load_checkpoint(str(load_dir), tag=tag)
     except Exception as e:  # e.g. another model size (missing keys) or ZeRO stage (no optimizer shards)
+        # (damage resume_dir's checks cannot see would also end here: DeepSpeed unpickles its shards)
         raise ConfigError(
-            f"checkpoint.resume: {step_dir} does not fit this run's model or engine ({type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}): resume with the "
-            "model.* and engine settings it was saved with, or start a new run_dir"
+            f"checkpoint.resume: {step_dir} does not fit this run's model or engine, or is damaged "
+            f"({type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}): "
+            "resume with the model.* and engine settings it was saved with, or start a new run_dir"
         ) from e
     if path is None:
         raise ConfigError(f"checkpoint.resume: DeepSpeed found no engine state in {step_dir}")
@@ -460,7 +521,11 @@ def load(engine, step_dir: Path, dist: DistInfo, universal: bool = False) -> dic
             group.update(saved)
     rng = step_dir / f"rng-rank{dist.rank}.pt"
     if rng.is_file():  # absent for ranks a grown world did not have; dropout then draws anew
-        _set_rng_state(torch.load(rng, weights_only=True))
+        try:
+            _set_rng_state(torch.load(rng, weights_only=True))
+        except Exception as e:  # checked by resume_dir; changed since, or a rank that did not check it
+            msg = f"checkpoint.resume: {rng} is damaged ({type(e).__name__}): resume from another checkpoint"
+            raise ConfigError(msg) from e
     return saved_state(step_dir)
 
 

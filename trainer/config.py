@@ -276,7 +276,9 @@ class TrainConfig:
     max_steps: int = 100
     max_tokens: int = 0  # 0: no token budget; otherwise stop once this many tokens were seen
     global_batch_size: int = 16  # samples per optimizer step, across all ranks
-    micro_batch_size: int = 8  # samples per forward/backward on one rank
+    # Samples per forward/backward on one rank: a number, or auto (see micro_batch). Any, since
+    # OmegaConf 2.3 has no Union[int, str]; __post_init__ checks it.
+    micro_batch_size: Any = "auto"
     log_every: int = 10
     eval_every: int = 50  # 0: no evaluation during training
     eval_batches: int = 4  # global batches of the validation split per evaluation
@@ -293,8 +295,13 @@ class TrainConfig:
     profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self) -> None:
-        for key in ("max_steps", "global_batch_size", "micro_batch_size", "log_every", "eval_batches"):
+        for key in ("max_steps", "global_batch_size", "log_every", "eval_batches"):
             _positive(key, getattr(self, key))
+        micro = self.micro_batch_size
+        if isinstance(micro, str) and micro.isdigit():
+            self.micro_batch_size = micro = int(micro)
+        if micro != "auto" and (type(micro) is not int or micro < 1):
+            raise ConfigError(f"micro_batch_size={micro} must be auto or a whole number >= 1")
         _positive("max_tokens", self.max_tokens, allow_zero=True)
         _positive("eval_every", self.eval_every, allow_zero=True)
         _positive("gc_every", self.gc_every, allow_zero=True)
@@ -313,16 +320,33 @@ class TrainConfig:
             )
         self.grad_accum_steps(world_size_from_env())  # fail now, not after the model is built
 
+    def micro_batch(self, world_size: int) -> int:
+        """Samples per forward/backward on each rank at this world size.
+
+        ``auto``: the largest micro-batch that divides the per-rank batch, i.e. that whole share,
+        global_batch_size / world_size (no accumulation). Unlike llm-foundry's
+        ``device_train_microbatch_size: auto`` it does not probe memory: set a number when that
+        share's activations do not fit. A number is used as given (grad_accum_steps checks it).
+        """
+        if self.micro_batch_size != "auto":
+            return self.micro_batch_size
+        if self.global_batch_size % world_size:
+            raise ConfigError(
+                f"global_batch_size={self.global_batch_size} is not divisible by world size {world_size} "
+                "(micro_batch_size=auto takes an equal share per rank): change global_batch_size"
+            )
+        return self.global_batch_size // world_size
+
     def grad_accum_steps(self, world_size: int) -> int:
         """Micro-batches per optimizer step on each rank; checks that the batch divides."""
-        per_step = self.micro_batch_size * world_size
-        if self.global_batch_size % per_step:
+        micro = self.micro_batch(world_size)
+        if self.global_batch_size % (micro * world_size):
             raise ConfigError(
                 f"global_batch_size={self.global_batch_size} is not divisible by micro_batch_size="
-                f"{self.micro_batch_size} x world size {world_size}: change global_batch_size or "
-                "micro_batch_size"
+                f"{micro} x world size {world_size}: change global_batch_size or micro_batch_size "
+                "(auto: an equal share per rank)"
             )
-        return self.global_batch_size // per_step
+        return self.global_batch_size // (micro * world_size)
 
     def tokens_per_step(self) -> int:
         return self.global_batch_size * self.data.seq_len
@@ -434,7 +458,8 @@ class GenerateConfig:
             raise ConfigError("prompt is empty: give some text to continue, e.g. prompt='Once upon a time'")
         _positive("max_new_tokens", self.max_new_tokens)
         _positive("batch_size", self.batch_size)
-        _positive("temperature", self.temperature, allow_zero=True)
+        if not 0.0 <= self.temperature < float("inf"):  # nan too
+            raise ConfigError(f"temperature={self.temperature} must be a finite number >= 0 (0: greedy)")
         _positive("top_k", self.top_k, allow_zero=True)
         if not 0.0 < self.top_p <= 1.0:
             raise ConfigError(f"top_p={self.top_p} must be in (0, 1]")

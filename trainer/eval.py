@@ -68,10 +68,12 @@ def eval_data(cfg: EvalConfig, run_config: dict[str, Any] | None, local_rank: in
 
 
 def batch_sizes(cfg: EvalConfig, run_config: dict[str, Any] | None, world: int) -> tuple[int, int]:
-    """(global, micro) batch sizes: given, else the run's, else 8 and the whole per-rank slice."""
+    """(global, micro) batch sizes: given, else the run's, else 8 and the whole per-rank slice
+    (as the run's micro_batch_size=auto)."""
     run = run_config or {}
     gbs = cfg.global_batch_size or run.get("global_batch_size") or 8
-    micro = cfg.micro_batch_size or run.get("micro_batch_size") or gbs // world
+    run_micro = run.get("micro_batch_size")
+    micro = cfg.micro_batch_size or (run_micro if isinstance(run_micro, int) else 0) or max(gbs // world, 1)
     if gbs % (micro * world):
         raise ConfigError(
             f"global_batch_size={gbs} is not divisible by micro_batch_size={micro} x world size {world}: "

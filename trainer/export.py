@@ -160,6 +160,9 @@ def write_tokenizer(tok: Tokenizer, out_dir: Path, max_len: int) -> None:
         "unk_token": None,
         "model_max_length": max_len,
         "clean_up_tokenization_spaces": False,
+        # A literal "<|endoftext|>" in text is text, as in our tokenizers (transformers would
+        # otherwise give the special id); eos/pad stay the real end-of-text id.
+        "split_special_tokens": True,
     }
     (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     tok.save(out_dir / EXPORT_TOKENIZER)

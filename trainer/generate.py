@@ -52,7 +52,10 @@ def sample_next(
     """Next token ids [B] from logits [B, V]: argmax when greedy (or temperature 0), else a sample."""
     if greedy or temperature == 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    # Shift first: softmax ignores it, and then no temperature, however small, overflows to
+    # +inf (inf - inf = nan below ~1e-37); the most likely tokens stay at 0 (0/0 when it rounds to 0).
+    logits = logits.float()
+    logits = ((logits - logits.amax(dim=-1, keepdim=True)) / temperature).nan_to_num(0.0, 0.0, float("-inf"))
     if 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # [B, 1]
         logits = logits.masked_fill(logits < kth, float("-inf"))

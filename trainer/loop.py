@@ -75,7 +75,9 @@ class Run:
 
 def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
     """Data, model, engine, then the newest checkpoint (if resuming): ready to step."""
-    step_dir = checkpoint.resume_dir(cfg.checkpoint, Path(cfg.run_dir))
+    # micro_batch_size=auto becomes a number where the world size is known: what follows reads it.
+    cfg = dataclasses.replace(cfg, micro_batch_size=cfg.micro_batch(dist.world_size))
+    step_dir = checkpoint.resume_dir(cfg.checkpoint, Path(cfg.run_dir), dist)
     checkpoint.check_start(Path(cfg.run_dir), step_dir, cfg.checkpoint.resume)
     # Then: on CPU the peak is measured, and the loader's threads or W&B's process would steal
     # cores from the measurement (a low peak reads as MFU > 100%).
@@ -115,7 +117,7 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
             state.wandb_id = None  # a branch from another run's checkpoint is a W&B run of its own
         try:
             data.train.load_state_dict(saved["loader"])
-        except ValueError as e:  # a data setting that fixes the sample order changed
+        except (ValueError, KeyError, TypeError) as e:  # a data setting that fixes the sample order changed
             raise ConfigError(
                 f"checkpoint.resume: {step_dir}: {e}: set data.seed, data.shuffle_window and the "
                 "data.sources weights as that run had them, or start a new run_dir"

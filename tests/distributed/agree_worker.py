@@ -48,7 +48,7 @@ def main() -> None:
     batch = next(iter(run.data.val))  # this rank's slice; every rank scores rank 0's slice below
     tokens = batch["tokens"]  # [G/W, T + 1], contiguous: one broadcast, then inputs and labels
     torch.distributed.broadcast(tokens, src=0)
-    x, y = to_device(tokens[: cfg.micro_batch_size], dist.device)
+    x, y = to_device(tokens[: run.cfg.micro_batch_size], dist.device)
     run.engine.eval()
     with torch.no_grad():
         _, loss = run.engine(x, y)

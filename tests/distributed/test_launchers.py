@@ -249,6 +249,11 @@ def test_unreachable_rendezvous_gives_up_after_the_timeout(tmp_path, env):
         (["--nproc", "two"], "--nproc=two is not a whole number"),
         (["--master-port"], "--master-port needs a value"),
         (["--nnodes", "2", "--master-addr", "127.0.0.1", "--master-port", "0"], "works on one node only"),
+        # Leading zeros are decimal (bash arithmetic would read 08 as a bad octal number).
+        (["--nproc", "08", "--nnodes", "02"], "--nnodes=2 needs --master-addr"),
+        (["--nnodes", "02", "--node-rank", "09", "--master-addr", "127.0.0.1"], "--node-rank=9 must be one"),
+        (["--nnodes", "02", "--master-addr", "localhost", "--master-port", "099999"], "port=99999"),
+        (["--rdzv-timeout", "00"], "must be >= 1"),
     ],
 )
 def test_bad_flags(tmp_path, env, args, needle):
@@ -256,6 +261,7 @@ def test_bad_flags(tmp_path, env, args, needle):
     proc = run_script(TORCHRUN_SH, ["debug=fast", *args], tmp_path, env, timeout=60)
     _fails_fast(proc, needle, 30, t0)
     assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr  # our one line, no bash error first
 
 
 def test_sbatch_script_outside_slurm(tmp_path, env):

@@ -12,8 +12,16 @@ import yaml
 from tests.helpers import assert_ok, run_module
 from tests.inference_helpers import RUNS, trained_run
 from trainer.config import ModelConfig
-from trainer.data.tokenizer import ByteTokenizer, CharTokenizer, train_bpe
-from trainer.export import export, from_hf_state_dict, hf_tokenizer, main, to_hf_state_dict, write_model
+from trainer.data.tokenizer import EOT_TEXT, ByteTokenizer, CharTokenizer, train_bpe
+from trainer.export import (
+    export,
+    from_hf_state_dict,
+    hf_tokenizer,
+    main,
+    to_hf_state_dict,
+    write_model,
+    write_tokenizer,
+)
 from trainer.inference import InferenceError, Source, load_model
 from trainer.model import GPT
 
@@ -104,6 +112,21 @@ def test_tokenizer_export_gives_our_ids(tmp_path, kind):
         assert hf.decode(tok.encode(text) + [tok.eot_id], skip_special_tokens=False) == tok.decode(
             tok.encode(text) + [tok.eot_id]
         )
+
+
+@pytest.mark.parametrize("kind", ["byte", "char", "bpe"])
+def test_transformers_encodes_a_literal_end_of_text_as_text_as_we_do(tmp_path, kind):
+    """Our tokenizers read "<|endoftext|>" in text as characters (end-of-text ids come only from
+    prepare, between documents); the export loaded by AutoTokenizer must give the same ids."""
+    text = f"{TEXT}{EOT_TEXT}more text"
+    tok = {"byte": ByteTokenizer, "char": lambda: CharTokenizer(text)}.get(kind, lambda: None)()
+    tok = tok or train_bpe([text] * 10, 300)
+    write_tokenizer(tok, tmp_path, 64)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert tok.eot_id not in tok.encode(text)
+    assert hf(text)["input_ids"] == hf.encode(text) == tok.encode(text)
+    assert hf.eos_token_id == hf.pad_token_id == tok.eot_id  # generation still stops at the real one
+    assert hf.decode(tok.encode(text) + [tok.eot_id]) == tok.decode(tok.encode(text) + [tok.eot_id])
 
 
 # ---------------------------------------------------------------------------- bad input

@@ -20,9 +20,9 @@ from trainer.signals import StopSignal
 def _step(root, n: int, complete: bool = True, name: str | None = None):
     d = root / "checkpoints" / (name or f"step-{n}")
     d.mkdir(parents=True)
-    (d / STATE).write_text("{}")
+    (d / STATE).write_text(json.dumps({"trainer": {"step": n, "tokens": 0}, "loader": {}, "world_size": 1}))
     if complete:
-        (d / COMPLETE).write_text("{}")
+        (d / COMPLETE).write_text(json.dumps({"step": n}))  # no engine files: resume checks what is there
     return d
 
 

@@ -95,6 +95,26 @@ def test_world_size_must_fit_the_batch(composer, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = to_typed(composer("micro_batch_size=4"))
     assert cfg.grad_accum_steps(2) == 2
+    with pytest.raises(ConfigError, match=r"micro_batch_size=16 x world size 2"):  # explicit: checked
+        to_typed(composer("micro_batch_size=16"))
+
+
+@pytest.mark.parametrize("world", [1, 2, 4, 8, 16])
+def test_the_default_micro_batch_follows_the_world_size(composer, monkeypatch, world):
+    """micro_batch_size=auto (the default): the whole per-rank share of the global batch, so that
+    changing the number of processes alone never breaks the batch arithmetic."""
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    cfg = to_typed(composer())
+    assert cfg.micro_batch_size == "auto"
+    assert cfg.micro_batch(world) == 16 // world and cfg.grad_accum_steps(world) == 1
+    big = to_typed(composer("global_batch_size=48"))
+    assert big.micro_batch(world) * big.grad_accum_steps(world) * world == 48
+
+
+@pytest.mark.parametrize("value", ["big", "0", "-2", "2.5", "true"])
+def test_a_micro_batch_that_is_neither_auto_nor_a_positive_whole_number_is_refused(composer, value):
+    with pytest.raises(ConfigError, match=f"(?i)^micro_batch_size={value}.* auto"):
+        to_typed(composer(f"micro_batch_size={value}"))
 
 
 def test_max_tokens_ends_the_run_early(composer):
@@ -113,3 +133,13 @@ def test_data_paths_are_made_absolute_for_the_runs_config(composer, tmp_path, mo
     cfg = composer("data=mixture", "data.sources=[{path: a, weight: 1}, {path: /abs/b, weight: 2}]")
     absolute_data_paths(cfg)
     assert [s.path for s in cfg.data.sources] == [str(tmp_path / "a"), "/abs/b"]
+
+
+def test_eval_takes_an_auto_micro_batch_of_the_run_as_the_per_rank_share():
+    from trainer.config import EvalConfig
+    from trainer.eval import batch_sizes
+
+    run = {"global_batch_size": 16, "micro_batch_size": "auto"}
+    assert batch_sizes(EvalConfig(checkpoint="runs/x"), run, 2) == (16, 8)
+    assert batch_sizes(EvalConfig(checkpoint="runs/x"), run | {"micro_batch_size": 4}, 2) == (16, 4)
+    assert batch_sizes(EvalConfig(checkpoint="runs/x", micro_batch_size=2), run, 1) == (16, 2)

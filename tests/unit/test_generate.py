@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from trainer.config import ModelConfig
+from trainer.config import ConfigError, GenerateConfig, ModelConfig
 from trainer.data.tokenizer import EOT_TEXT, ByteTokenizer, CharTokenizer, HFTokenizer, train_bpe
 from trainer.evaluate import evaluate, token_byte_lengths
 from trainer.generate import StopStrings, generate, sample_next
@@ -122,6 +122,22 @@ def test_greedy_sampling_settings_agree():
     assert torch.equal(sample_next(logits, temperature=0.0), best)
     assert torch.equal(sample_next(logits, top_k=1, generator=g), best)
     assert torch.equal(sample_next(logits, top_p=1e-6, generator=g), best)
+
+
+@pytest.mark.parametrize("temperature", [1e-30, 1e-38, 1e-45, 5e-324])
+def test_a_tiny_temperature_is_greedy_not_a_crash(temperature):
+    # logits / temperature overflows to inf below ~1e-37 (inf - inf = nan in the softmax)
+    logits = torch.randn(4, VOCAB) * 10
+    g = torch.Generator().manual_seed(0)
+    assert torch.equal(sample_next(logits, temperature=temperature, generator=g), logits.argmax(-1))
+    capped = sample_next(logits, temperature=temperature, top_k=3, top_p=0.5, generator=g)
+    assert torch.equal(capped, logits.argmax(-1))
+
+
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), -1.0])
+def test_a_temperature_that_is_not_a_finite_non_negative_number_is_refused(temperature):
+    with pytest.raises(ConfigError, match="^temperature="):
+        GenerateConfig(checkpoint="runs/x", prompt="A", temperature=temperature)
 
 
 def test_top_k_and_top_p_restrict_the_support():

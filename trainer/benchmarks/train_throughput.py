@@ -53,7 +53,7 @@ def plain_loop(cfg: TrainConfig, model: torch.nn.Module, batches: list[dict], wa
         min_ratio=cfg.optim.min_lr_ratio,
     )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
-    micro = cfg.micro_batch_size
+    micro = cfg.micro_batch(1)
     device = next(model.parameters()).device
     for i, batch in enumerate(batches):
         if i == warmup:
@@ -78,7 +78,7 @@ def trainer_loop(
     ds_cfg = deepspeed_config(
         cfg.engine,
         cfg.optim,
-        micro_batch_size=cfg.micro_batch_size,
+        micro_batch_size=cfg.micro_batch(1),
         grad_accum_steps=cfg.grad_accum_steps(1),
         world_size=1,
         total_steps=len(batches),
@@ -92,7 +92,7 @@ def trainer_loop(
         if i == warmup:
             start = time.perf_counter()
         control.step = i + 1
-        loss = train_step(engine, batch, cfg.micro_batch_size, dist.device, control, before_optimizer)
+        loss = train_step(engine, batch, cfg.micro_batch(1), dist.device, control, before_optimizer)
     loss.item()  # wait for the last step on an accelerator
     return (len(batches) - warmup) * cfg.tokens_per_step() / (time.perf_counter() - start)
 
