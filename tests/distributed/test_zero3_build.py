@@ -33,6 +33,10 @@ def test_partitioned_build_has_the_whole_builds_initial_weights(ranks, arch):
         assert w["same_rng_after"]  # and the generator continues as after a whole build
 
 
+def test_generation_from_a_partitioned_model_gathers_it(ranks):
+    assert all(r["memory"]["generates_as_whole"] for r in ranks)
+
+
 def test_peak_memory_grows_with_the_partitioned_state(ranks):
     """Worst rank: peak growth of a 4.2M-parameter ZeRO-3 run (build + 2 steps) over the same run of
     a 25K-parameter model (DeepSpeed's fixed costs) <= 1.25 x 16 B x params / 2 + a margin.

@@ -6,6 +6,7 @@ Each rank writes ``<out_dir>/rank<r>.json``:
 - memory: the resident memory after importing torch and DeepSpeed and joining the group
   (``baseline``), then the high-water mark after building a ~4M-parameter model under ZeRO-3
   with its engine and taking two optimizer steps (``peak``), with what the bound needs;
+- generation: greedy tokens of the trained partitioned model equal those of its gathered weights;
 - weights: for a GPT-2-style and a Llama-style tiny config, whether the gathered initial weights
   of the partitioned build equal ``GPT(cfg)`` built whole for the same seed, bit for bit, and
   whether the CPU generator is left in the same state.
@@ -24,6 +25,7 @@ from trainer import hostmem
 from trainer.config import EngineConfig, ModelConfig, OptimConfig
 from trainer.distributed import init_distributed
 from trainer.engine import build_engine, build_model, deepspeed_config
+from trainer.generate import generate
 from trainer.model import GPT, num_params
 from trainer.perf import peak_rss_gb
 
@@ -40,7 +42,7 @@ def zero3_config(model: ModelConfig, world: int) -> dict:
                             world_size=world, total_steps=10, model=model)  # fmt: skip
 
 
-def train_briefly(cfg: ModelConfig, world: int) -> None:
+def train_briefly(cfg: ModelConfig, world: int):
     """Build under ZeRO-3 as the trainer does, then two optimizer steps on random tokens."""
     torch.manual_seed(0)
     ds = zero3_config(cfg, world)
@@ -51,6 +53,7 @@ def train_briefly(cfg: ModelConfig, world: int) -> None:
         _, loss = engine(tokens[:, :-1], tokens[:, 1:])
         engine.backward(loss)
         engine.step()
+    return engine
 
 
 def memory(world: int) -> dict:
@@ -60,9 +63,23 @@ def memory(world: int) -> dict:
     baseline = peak_rss_gb()
     train_briefly(SMALL_MODEL, world)
     fixed = peak_rss_gb()
-    train_briefly(MEMORY_MODEL, world)
-    return {"baseline_gb": baseline, "fixed_gb": fixed, "peak_gb": peak_rss_gb(),
-            "params": num_params(MEMORY_MODEL) - num_params(SMALL_MODEL)}  # fmt: skip
+    engine = train_briefly(MEMORY_MODEL, world)
+    peak = peak_rss_gb()
+    return {"baseline_gb": baseline, "fixed_gb": fixed, "peak_gb": peak,
+            "params": num_params(MEMORY_MODEL) - num_params(SMALL_MODEL),
+            "generates_as_whole": generates_as_whole(engine.module)}  # fmt: skip
+
+
+def generates_as_whole(module: GPT) -> bool:
+    """Greedy decoding of the trained, partitioned model equals that of its gathered weights in a
+    whole GPT (generate gathers a ZeRO-3 model itself)."""
+    prompts = [[1, 2, 3], [7]]
+    got = generate(module.eval(), prompts, 6, vocab_size=module.cfg.vocab_size, greedy=True)
+    whole = GPT(module.cfg)
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        whole.load_state_dict(module.state_dict())
+    want = generate(whole.eval(), prompts, 6, vocab_size=module.cfg.vocab_size, greedy=True)
+    return [c.ids for c in got] == [c.ids for c in want] and len(got[0].ids) == 6
 
 
 def same_initial_weights(arch: dict, world: int) -> dict:
