@@ -91,19 +91,21 @@ def zero3_buffers(model: ModelConfig) -> dict[str, int]:
     bucket (2 GB in fp32, allocated in full on every rank) and up to 1e9 gathered parameters
     kept live. Scaled to one d_model x d_model matrix (transformers' DeepSpeed integration's
     rule for the first three), a bucket holds a few of a block's matrices and at most about two
-    blocks' parameters stay gathered: a fixed cost per rank whatever the world size. Small
+    blocks' parameters stay gathered, and the optimizer steps two blocks' worth at a time (its
+    temporaries): a fixed cost per rank whatever the world size, at least 2^20 elements. Small
     parameters (norms, biases: up to 10 x d_model) stay whole on every rank, as they are
     cheaper to keep than to gather. ``engine.ds_config`` still overrides any of these.
     """
     d2 = model.d_model * model.d_model
     block = 12 * d2  # about one Transformer block's parameters (attention 4 D^2, MLP 8 D^2)
+    floor = 2**20  # smaller ones cost a small model more in collectives and bookkeeping than they save
     return {
-        "reduce_bucket_size": d2,
-        "stage3_prefetch_bucket_size": int(0.9 * d2),
+        "reduce_bucket_size": max(floor, d2),
+        "stage3_prefetch_bucket_size": max(floor, int(0.9 * d2)),
         "stage3_param_persistence_threshold": 10 * model.d_model,
-        "stage3_max_live_parameters": 2 * block,
-        "stage3_max_reuse_distance": 2 * block,
-        "sub_group_size": 2 * block,
+        "stage3_max_live_parameters": max(floor, 2 * block),
+        "stage3_max_reuse_distance": max(floor, 2 * block),
+        "sub_group_size": max(floor, 2 * block),
     }
 
 
