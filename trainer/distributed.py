@@ -70,6 +70,15 @@ def any_rank(flags: list[bool], dist_info: DistInfo) -> list[bool]:
     return [bool(v) for v in t.tolist()]
 
 
+def max_over_ranks(values: list[float], dist_info: DistInfo) -> list[float]:
+    """Each value's maximum over all ranks (one small host-side collective for all of them)."""
+    if dist_info.world_size == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=dist_info.cpu_group)
+    return t.tolist()
+
+
 def gather_to_main(obj: Any, dist_info: DistInfo) -> list[Any] | None:
     """Every rank's `obj`, in rank order, on rank 0 (None elsewhere). For rare events only."""
     if dist_info.world_size == 1:

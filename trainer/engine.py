@@ -14,8 +14,8 @@ from typing import Any
 
 import torch
 
-from trainer.config import EngineConfig, OptimConfig
-from trainer.model import optimizer_groups
+from trainer.config import EngineConfig, ModelConfig, OptimConfig
+from trainer.model import GPT, optimizer_groups
 
 
 def deepspeed_config(
@@ -26,8 +26,12 @@ def deepspeed_config(
     grad_accum_steps: int,
     world_size: int,
     total_steps: int,
+    model: ModelConfig | None = None,
 ) -> dict[str, Any]:
-    """The DeepSpeed config dict for this run (batch sizes, ZeRO, precision, AdamW, schedule)."""
+    """The DeepSpeed config dict for this run (batch sizes, ZeRO, precision, AdamW, schedule).
+
+    ``model``: ZeRO-3's buffers are sized to it (``zero3_buffers``); without it, DeepSpeed's defaults.
+    """
     offload = engine.offload_optimizer
     ds: dict[str, Any] = {
         "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
@@ -36,7 +40,7 @@ def deepspeed_config(
         "gradient_clipping": 0.0 if clips_in_trainer(engine) else optim.grad_clip,
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
-        "zero_optimization": _zero_section(engine),
+        "zero_optimization": _zero_section(engine, model),
         "bf16": {"enabled": engine.precision == "bf16"},
         "fp16": {
             "enabled": engine.precision == "fp16",
@@ -67,15 +71,42 @@ def clips_in_trainer(engine: EngineConfig) -> bool:
     return engine.zero_stage == 0 and engine.precision == "fp32"
 
 
-def _zero_section(engine: EngineConfig) -> dict[str, Any]:
+def _zero_section(engine: EngineConfig, model: ModelConfig | None) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": engine.zero_stage}
     if engine.zero_stage >= 1:
         zero |= {"overlap_comm": engine.zero_stage >= 2, "contiguous_gradients": True}
+    if engine.zero_stage == 3 and model is not None:
+        zero |= zero3_buffers(model)
     if engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if engine.offload_params:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     return zero
+
+
+def zero3_buffers(model: ModelConfig) -> dict[str, int]:
+    """ZeRO-3's bucket sizes and gathering limits (in elements), scaled to the model.
+
+    DeepSpeed's defaults are sized for billions of parameters on a GPU: a 5e8-element reduce
+    bucket (2 GB in fp32, allocated in full on every rank) and up to 1e9 gathered parameters
+    kept live. Scaled to one d_model x d_model matrix (transformers' DeepSpeed integration's
+    rule for the first three), a bucket holds a few of a block's matrices and at most about two
+    blocks' parameters stay gathered, and the optimizer steps two blocks' worth at a time (its
+    temporaries): a fixed cost per rank whatever the world size, at least 2^20 elements. Small
+    parameters (norms, biases: up to 10 x d_model) stay whole on every rank, as they are
+    cheaper to keep than to gather. ``engine.ds_config`` still overrides any of these.
+    """
+    d2 = model.d_model * model.d_model
+    block = 12 * d2  # about one Transformer block's parameters (attention 4 D^2, MLP 8 D^2)
+    floor = 2**20  # smaller ones cost a small model more in collectives and bookkeeping than they save
+    return {
+        "reduce_bucket_size": max(floor, d2),
+        "stage3_prefetch_bucket_size": max(floor, int(0.9 * d2)),
+        "stage3_param_persistence_threshold": 10 * model.d_model,
+        "stage3_max_live_parameters": max(floor, 2 * block),
+        "stage3_max_reuse_distance": max(floor, 2 * block),
+        "sub_group_size": max(floor, 2 * block),
+    }
 
 
 def _deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
@@ -97,6 +128,44 @@ def lr_factor(step: int, *, warmup_steps: int, total_steps: int, min_ratio: floa
         return (step + 1) / (warmup_steps + 1)
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))  # last step: floor
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_model(cfg: ModelConfig, ds_config: dict[str, Any]) -> GPT:
+    """The GPT for this DeepSpeed config: whole, or under ZeRO-3 partitioned as it is built.
+
+    ZeRO-3 builds it inside ``deepspeed.zero.Init``: each module's parameters are split over the
+    ranks as soon as the module exists, so no rank ever holds the whole model. The weights are
+    then drawn one parameter at a time from the same CPU generator stream as ``GPT(cfg)`` (the
+    same initial weights for the same seed), and each rank keeps its own partition of them.
+    """
+    if ds_config["zero_optimization"]["stage"] != 3:
+        return GPT(cfg)
+    import deepspeed
+
+    # The constructors' own draws go to the device's generator: forked away, replayed on the CPU.
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices), deepspeed.zero.Init(config_dict_or_path=ds_config):
+        model = GPT(cfg, init_weights=False)
+    model.init_weights(_assign_partition, replay_module_init=True)
+    return model
+
+
+def _assign_partition(p: torch.nn.Parameter, values: torch.Tensor) -> None:
+    """Write this rank's slice of a ZeRO-3 parameter's full ``values``: DeepSpeed's layout, the
+    flattened parameter cut into equal partitions in rank order (the last one padded). Nothing
+    is gathered: every rank drew the same values. A parameter that is held whole just now (or
+    not partitioned) goes through DeepSpeed's own GatheredParameters."""
+    import deepspeed
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+
+    if getattr(p, "ds_status", None) != ZeroParamStatus.NOT_AVAILABLE:
+        with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+            p.copy_(values)
+        return
+    part = p.ds_tensor
+    start = part.numel() * torch.distributed.get_rank(group=p.ds_process_group)
+    n = max(0, min(part.numel(), values.numel() - start))
+    part.narrow(0, 0, n).copy_(values.reshape(-1).narrow(0, start, n))
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optim: OptimConfig, total_steps: int):

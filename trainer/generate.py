@@ -14,6 +14,7 @@ or without it.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -127,6 +128,29 @@ class _Context:
 
 
 @torch.inference_mode()
+def _on_whole_weights(fn: Callable[..., list[Completion]]) -> Callable[..., list[Completion]]:
+    """Decoding reads weights directly (``pos_emb.weight[positions]``), but a ZeRO-3 model holds a
+    partition of each (and its DeepSpeed hooks gather per module): decode a whole copy, gathered
+    once (every rank of the group must make the call)."""
+
+    @functools.wraps(fn)
+    def on_whole(model: GPT, *args, **kwargs) -> list[Completion]:
+        params = list(model.parameters())
+        if not any(hasattr(p, "ds_id") for p in params):
+            return fn(model, *args, **kwargs)
+        import deepspeed
+
+        with torch.random.fork_rng(devices=[]):  # its init draws must not move the caller's generator
+            whole = GPT(model.cfg)
+        with deepspeed.zero.GatheredParameters(params):
+            whole.load_state_dict(model.state_dict())
+        whole.to(device=params[0].device, dtype=params[0].dtype).train(model.training)
+        return fn(whole, *args, **kwargs)
+
+    return on_whole
+
+
+@_on_whole_weights
 def generate(
     model: GPT,
     prompts: list[list[int]],
@@ -149,6 +173,7 @@ def generate(
     ``eot_id`` (not included; None: never) or when ``should_stop(row, ids)`` says so.
     ``on_token(row, id)`` sees each id as it comes (but the one completing a stop). Finished
     rows ride along until all are done. The same prompts, settings and ``seed`` give the same completions.
+    A ZeRO-3 model (e.g. ``engine.module``) is decoded from a whole copy, gathered on every rank.
     """
     if not prompts or any(not 0 < len(p) <= model.cfg.max_seq_len for p in prompts):
         raise ValueError(f"every prompt needs 1 to model.max_seq_len={model.cfg.max_seq_len} tokens")

@@ -11,18 +11,25 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-from trainer import checkpoint
+from trainer import checkpoint, hostmem
 from trainer.config import ConfigError, ModelConfig, TrainConfig
 from trainer.data.batch import to_device
 from trainer.data.build import Data, build_data
-from trainer.distributed import DistInfo, barrier, gather_to_main
-from trainer.engine import GradClip, build_engine, clips_in_trainer, current_lr, deepspeed_config, grad_norm
+from trainer.distributed import DistInfo, barrier, gather_to_main, max_over_ranks
+from trainer.engine import (
+    GradClip,
+    build_engine,
+    build_model,
+    clips_in_trainer,
+    current_lr,
+    deepspeed_config,
+    grad_norm,
+)
 from trainer.evaluate import evaluate, token_byte_lengths
 from trainer.gc_schedule import ScheduledGC
 from trainer.guard import StepControl, TrainingHalted
 from trainer.metrics import MetricsSink, open_sink
-from trainer.model import GPT
-from trainer.perf import Peak, PerfMeter, build_meter, device_peak, loss_scale, memory_stats
+from trainer.perf import Peak, PerfMeter, build_meter, device_peak, loss_scale, memory_stats, peak_rss_gb
 from trainer.profiling import StepProfiler
 from trainer.signals import Preempted, StopSignal
 
@@ -75,6 +82,7 @@ class Run:
 
 def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
     """Data, model, engine, then the newest checkpoint (if resuming): ready to step."""
+    hostmem.release_large_frees()  # freed build-time copies go back to the OS (see trainer.hostmem)
     # micro_batch_size=auto becomes a number where the world size is known: what follows reads it.
     cfg = dataclasses.replace(cfg, micro_batch_size=cfg.micro_batch(dist.world_size))
     step_dir = checkpoint.resume_dir(cfg.checkpoint, Path(cfg.run_dir), dist)
@@ -87,7 +95,7 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
     data = build_data(
         cfg.data, cfg.global_batch_size, dist.rank, dist.world_size, dist.local_rank, barrier, record_dir
     )
-    model = GPT(resolve_vocab(cfg.model, data.vocab_size))
+    model_cfg = resolve_vocab(cfg.model, data.vocab_size)
     total_steps = cfg.total_steps()
     ds_cfg = deepspeed_config(
         cfg.engine,
@@ -96,6 +104,7 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
         grad_accum_steps=cfg.grad_accum_steps(dist.world_size),
         world_size=dist.world_size,
         total_steps=total_steps,
+        model=model_cfg,
     )
     # On another world size, ZeRO's partitioned optimizer state goes through DeepSpeed's
     # universal checkpoint (converted once); unpartitioned ZeRO-0 state loads as it is.
@@ -106,7 +115,8 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
     )
     if universal:
         ds_cfg["checkpoint"] = {"load_universal": True}
-    engine = build_engine(model, ds_cfg, cfg.optim, total_steps)
+    engine = build_engine(build_model(model_cfg, ds_cfg), ds_cfg, cfg.optim, total_steps)
+    hostmem.trim()
     state = TrainState()
     if step_dir is not None:
         if universal:
@@ -183,7 +193,9 @@ def fit(run: Run, sink: MetricsSink, stop: StopSignal) -> None:
         if clip is not None:
             clip(run.engine)
 
-    sink.log({"event": "perf", "step": state.step} | meter.describe())
+    # the worst rank's host memory high-water mark once the run is built (model, engine, resume)
+    (build_peak,) = max_over_ranks([peak_rss_gb()], run.dist)
+    sink.log({"event": "perf", "step": state.step, "build_peak_rss_gb": build_peak} | meter.describe())
     losses: list[float] = []
     run.engine.train()
     root = checkpoint.checkpoint_root(Path(cfg.run_dir))
@@ -293,6 +305,7 @@ def log_train(
     event |= {"tokens": run.state.tokens, "loss": loss, "lr": lr}
     event |= {"grad_norm": grad_norm(run.engine, clip), "skipped_steps": run.state.skipped_steps}
     event |= meter.report(run.total_steps - run.state.step) | memory_stats(run.dist.device)
+    (event["peak_rss_gb"],) = max_over_ranks([peak_rss_gb()], run.dist)  # the worst rank's, so far
     if run.cfg.engine.precision == "fp16":
         event["loss_scale"] = loss_scale(run.engine)
     event |= run.data.train.stats()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -285,7 +286,9 @@ def _sac_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig) -> None:
+    def __init__(self, cfg: ModelConfig, *, init_weights: bool = True) -> None:
+        """``init_weights=False``: the modules' own default init only; the caller runs
+        ``init_weights`` (e.g. under ZeRO-3, whose parameters are partitioned as they are built)."""
         super().__init__()
         assert cfg.vocab_size is not None, "model.vocab_size is unset: take it from the tokenizer"
         self.cfg = cfg
@@ -302,26 +305,41 @@ class GPT(nn.Module):
             cos, sin = rope_cache(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
-        self.init_weights()
+        if init_weights:
+            self.init_weights()
 
     @torch.no_grad()
-    def init_weights(self) -> None:
-        """(Re)initialize every parameter and buffer, e.g. after ``to_empty`` from the meta device."""
+    def init_weights(self, assign: Assign | None = None, *, replay_module_init: bool = False) -> None:
+        """(Re)initialize every parameter and buffer, e.g. after ``to_empty`` from the meta device.
+
+        Values are drawn on the CPU from torch's default generator, one parameter at a time, so
+        they are the same whatever device or partitioning holds the model. ``assign(p, values)``
+        puts a parameter's full fp32 values where p lives (under ZeRO-3: this rank's partition of
+        them); by default ``p.copy_(values)``. ``replay_module_init``: first draw what the
+        modules' own constructors draw (and drop it), for a model whose constructors drew
+        elsewhere: then the values equal those of ``GPT(cfg)`` built whole for the same seed.
+        """
         if self.cfg.tie_embeddings:  # again: to_empty() gives the two modules separate tensors
             self.lm_head.weight = self.tok_emb.weight
+        if replay_module_init:
+            _replay_module_init(self)
+        put = assign or _copy
         std = self.cfg.init_std
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
+                put(module.weight, _normal(module.weight, std))
             if isinstance(module, nn.Linear) and module.bias is not None:
-                nn.init.zeros_(module.bias)
-            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):
-                module.reset_parameters()
+                put(module.bias, torch.zeros(_full_shape(module.bias)))
+            if isinstance(module, (nn.LayerNorm, nn.RMSNorm)):  # their reset_parameters: gain 1, bias 0
+                if module.weight is not None:
+                    put(module.weight, torch.ones(_full_shape(module.weight)))
+                if getattr(module, "bias", None) is not None:
+                    put(module.bias, torch.zeros(_full_shape(module.bias)))
         # GPT-2: each block adds two projections into the residual stream; scaling them by
         # 1/sqrt(2 * n_layer) keeps the stream's variance independent of depth at init.
         for name, p in self.named_parameters():
             if name.endswith(("attn.out_proj.weight", "mlp.down.weight", "mlp.w2.weight")):
-                nn.init.normal_(p, mean=0.0, std=std / math.sqrt(2 * self.cfg.n_layer))
+                put(p, _normal(p, std / math.sqrt(2 * self.cfg.n_layer)))
         if self.cfg.pos_emb == "rope":
             cos, sin = rope_cache(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
             self.rope_cos.copy_(cos)
@@ -383,6 +401,35 @@ class GPT(nn.Module):
         if self.cfg.act_ckpt == "selective":
             return partial(create_selective_checkpoint_contexts, _sac_policy)
         return noop_context_fn  # plain checkpointing: keep only the block's inputs
+
+
+Assign = Callable[[nn.Parameter, Tensor], None]  # (p, its full values on the CPU): write them into p
+
+
+def _full_shape(p: nn.Parameter) -> torch.Size:
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape  # a ZeRO-3 partition keeps its full shape
+
+
+def _normal(p: nn.Parameter, std: float) -> Tensor:
+    # a CPU fp32 tensor: the CPU generator's stream, whatever p's device, dtype or partitioning
+    return torch.empty(_full_shape(p), dtype=torch.float32).normal_(0.0, std)
+
+
+def _copy(p: nn.Parameter, values: Tensor) -> None:
+    p.copy_(values)
+
+
+def _replay_module_init(model: nn.Module) -> None:
+    """Draw from the CPU generator, in construction order, what the constructors of nn.Linear and
+    nn.Embedding draw (``reset_parameters``: kaiming_uniform_ and the bias's uniform_ are one
+    uniform_ each, normal_ one normal_; the norms draw nothing); one parameter at a time."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            torch.empty(_full_shape(module.weight)).uniform_()
+            if module.bias is not None:
+                torch.empty(_full_shape(module.bias)).uniform_()
+        elif isinstance(module, nn.Embedding):
+            torch.empty(_full_shape(module.weight)).normal_()
 
 
 # ---------------------------------------------------------------------------- counts and optimizer groups

@@ -141,6 +141,15 @@ def hardware_flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
 # ---------------------------------------------------------------------------- memory and engine readings
 
 
+def peak_rss_gb() -> float:
+    """This process's peak resident memory since it started (the kernel's high-water mark), GiB."""
+    import resource
+    import sys
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return peak / 2**30 if sys.platform == "darwin" else peak / 2**20
+
+
 def memory_stats(device: torch.device) -> dict[str, float]:
     """Process RSS, plus on CUDA the peak allocated/reserved since the last call (which resets it)."""
     import psutil

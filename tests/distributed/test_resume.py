@@ -97,7 +97,7 @@ def test_kill_9_then_resume_is_bitwise_exact(tmp_path, cli_env, reference, stage
     assert losses(tmp_path / "out") == losses(reference[stage])  # bitwise, every step once
 
 
-@pytest.mark.parametrize("stage, world", [(2, 1), (2, 3), (3, 1)])
+@pytest.mark.parametrize("stage, world", [(2, 1), (2, 3), (3, 1), (3, 3)])
 def test_resume_on_another_world_size(tmp_path, cli_env, reference, stage, world):
     """DeepSpeed's universal checkpoint carries the partitioned optimizer state across."""
     step20 = reference[stage] / "checkpoints" / "step-20"

@@ -116,3 +116,20 @@ def test_grad_clip_clips_or_only_measures():
     measure = GradClip(max_norm=0.0)  # 0: no clipping, gradients untouched even at an inf norm
     measure(engine)
     assert math.isinf(float(measure.norm)) and not engine.module.bias.grad.isnan().any()
+
+
+def test_zero3_buffers_follow_the_model_and_stay_overridable():
+    from trainer.config import ModelConfig
+    from trainer.engine import zero3_buffers
+
+    small, big = ModelConfig(d_model=64, vocab_size=300), ModelConfig(d_model=1024, n_head=16, vocab_size=300)
+    zero = _ds(EngineConfig(zero_stage=3), model=big)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 1024**2 and zero["stage3_param_persistence_threshold"] == 10240
+    assert all(zero[k] == v for k, v in zero3_buffers(big).items())
+    assert all(zero3_buffers(small)[k] < v for k, v in zero3_buffers(big).items())  # scale with d_model
+    assert "reduce_bucket_size" not in _ds(EngineConfig(zero_stage=2), model=big)["zero_optimization"]
+    assert "sub_group_size" not in _ds(EngineConfig(zero_stage=3))["zero_optimization"]  # DeepSpeed's
+    raw = {"zero_optimization": {"reduce_bucket_size": 5e8, "sub_group_size": 7}}
+    zero = _ds(EngineConfig(zero_stage=3, ds_config=raw), model=big)["zero_optimization"]
+    assert zero["reduce_bucket_size"] == 5e8 and zero["sub_group_size"] == 7  # engine.ds_config wins
+    assert zero["stage3_prefetch_bucket_size"] == zero3_buffers(big)["stage3_prefetch_bucket_size"]

@@ -1,0 +1,47 @@
+"""Host memory: keep glibc's allocator from sitting on freed tensors.
+
+Tensors on the CPU come from malloc. glibc serves a request of at least M_MMAP_THRESHOLD bytes
+with its own mmap and returns it to the OS on free; smaller ones come from the heap, whose freed
+pages mostly stay with the process. By default the threshold moves up (to 32 MiB) each time an
+mmapped block is freed, so soon a model's 1-32 MiB tensors land in the heap, and what a build or
+a step frees stays resident and fragments it. A fixed threshold (setting it also stops the
+moving) keeps every tensor above it in its own mapping. Measured on 2-rank ZeRO-3 gpt2-medium
+(trainer.benchmarks.memory): the worst rank's peak over 3 steps 7.5 GiB with the threshold
+fixed only while building, 5.4 GiB with it fixed for the whole run; no slower per step.
+
+Both calls are no-ops off glibc (macOS, musl): there the allocator is left as it is.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import platform
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+MMAP_THRESHOLD = 128 * 1024  # glibc's own initial value, kept fixed
+
+
+@functools.cache
+def _glibc() -> ctypes.CDLL | None:
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def release_large_frees(threshold: int = MMAP_THRESHOLD) -> bool:
+    """Serve allocations of ``threshold`` bytes or more by mmap from now on (freed: unmapped at
+    once), whatever was freed before. Returns whether the allocator took the setting."""
+    libc = _glibc()
+    return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, threshold))
+
+
+def trim() -> None:
+    """Give the heap's free pages back to the OS (after a phase that freed a lot: the build)."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
