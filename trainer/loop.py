@@ -21,6 +21,7 @@ from trainer.guard import StepControl, TrainingHalted
 from trainer.metrics import MetricsSink, open_sink
 from trainer.model import GPT
 from trainer.perf import Peak, PerfMeter, build_meter, device_peak, loss_scale, memory_stats
+from trainer.planner import Plan, check_at_start, compare_peak, measured_peak
 from trainer.profiling import StepProfiler
 from trainer.signals import Preempted, StopSignal
 
@@ -69,6 +70,7 @@ class Run:
     state: TrainState
     total_steps: int
     peak: Peak | None  # the device's peak FLOP/s, for MFU
+    plan: Plan | None = None  # what trainer.planner predicted for this run
 
 
 def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
@@ -83,7 +85,9 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
     data = build_data(
         cfg.data, cfg.global_batch_size, dist.rank, dist.world_size, dist.local_rank, barrier, record_dir
     )
-    model = GPT(resolve_vocab(cfg.model, data.vocab_size))
+    model_cfg = resolve_vocab(cfg.model, data.vocab_size)
+    plan = check_at_start(cfg, model_cfg, dist.world_size)  # refuses a run that cannot fit
+    model = GPT(model_cfg)
     total_steps = cfg.total_steps()
     ds_cfg = deepspeed_config(
         cfg.engine,
@@ -119,7 +123,7 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
                 "data.sources weights as that run had them, or start a new run_dir"
             ) from None
         log.info("resumed from %s at step %d", step_dir, state.step)
-    return Run(cfg, dist, engine, data, state, total_steps, peak)
+    return Run(cfg, dist, engine, data, state, total_steps, peak, plan)
 
 
 def train(run: Run, resolved_config: dict[str, Any], stop: StopSignal) -> None:
@@ -179,7 +183,8 @@ def fit(run: Run, sink: MetricsSink, stop: StopSignal) -> None:
         if clip is not None:
             clip(run.engine)
 
-    sink.log({"event": "perf", "step": state.step} | meter.describe())
+    plan = {"plan": run.plan.summary()} if run.plan is not None else {}
+    sink.log({"event": "perf", "step": state.step} | meter.describe() | plan)
     losses: list[float] = []
     run.engine.train()
     with StepProfiler(cfg.profile, Path(cfg.run_dir), run.dist.rank, run.dist.device) as profiler:
@@ -213,6 +218,10 @@ def fit(run: Run, sink: MetricsSink, stop: StopSignal) -> None:
                 stop.ignore_further()
                 msg = f"stopped on request after step {state.step}; a restart resumes from there"
                 raise Preempted(msg, stop.received)
+    if run.plan is not None:  # every rank's peak memory against the plan
+        peaks = gather_to_main(measured_peak(run.dist.device), run.dist)
+        if peaks is not None:
+            sink.log(compare_peak(run.plan, peaks))
     # Finished: a stop request now has nothing left to save, and the default action (terminate)
     # would turn a finished run into a failed one while it closes its sinks.
     stop.ignore_further()
