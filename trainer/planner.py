@@ -339,15 +339,16 @@ def activation_bytes(mcfg: ModelConfig, micro_batch: int, seq_len: int, precisio
 
     Per block and token (D d_model, K k/v width, F ffn): the input (D), each norm's output (D; and
     its pre-gain product on CPU fp32, where RMSNorm is written out), qkv (D + 2K), the rotated q,k
-    (D + K), attention's output (D) and its copy into [B, T, D] (D), the residual (D), and the MLP's
-    matmul and activation outputs (SwiGLU 4F, GELU 2F). ``full`` keeps the block inputs only, plus
-    one block recomputed in backward; ``selective`` keeps the matmul and attention outputs.
+    (D + K), attention's output (D; laid out [B, T, H, Q], so out_proj reads a view of it), the
+    residual (D), the MLP's matmul and activation outputs (SwiGLU 4F, GELU 2F). ``full`` keeps the
+    block inputs only, plus one block recomputed in backward; ``selective`` keeps the matmul and
+    attention outputs.
     """
     a = 4 if precision == "fp32" else 2
     d, k, f, t = mcfg.d_model, mcfg.kv_heads * mcfg.head_dim, mcfg.ffn_dim, micro_batch * seq_len
     norm = 2 if (cpu and precision == "fp32" and mcfg.norm == "rmsnorm") else 1
     mlp = 4 * f if mcfg.mlp == "swiglu" else 2 * f
-    block = (d + 2 * norm * d + (d + 2 * k) + (d + k) + 2 * d + d + mlp) * t * a
+    block = (d + 2 * norm * d + (d + 2 * k) + (d + k) + d + d + mlp) * t * a
     lse = mcfg.n_head * t * 4  # attention's log-sum-exp, fp32
     full = block + lse
     saved_input = d * t * a
