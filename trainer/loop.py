@@ -221,7 +221,7 @@ def fit(run: Run, sink: MetricsSink, stop: StopSignal) -> None:
     if run.plan is not None:  # every rank's peak memory against the plan
         peaks = gather_to_main(measured_peak(run.dist.device), run.dist)
         if peaks is not None:
-            sink.log(compare_peak(run.plan, peaks))
+            sink.log(compare_peak(run.plan, peaks, state.step))
     # Finished: a stop request now has nothing left to save, and the default action (terminate)
     # would turn a finished run into a failed one while it closes its sinks.
     stop.ignore_further()

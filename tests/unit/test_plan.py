@@ -7,10 +7,12 @@ import dataclasses
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
-from trainer.config import ConfigError, DataConfig, EngineConfig, ModelConfig, TrainConfig
+from trainer.config import ConfigError, DataConfig, EngineConfig, ModelConfig, TrainConfig, register_configs
 from trainer.model import GPT, num_params
 from trainer.planner import KNOWN_DEVICES, activation_bytes, device_spec, make_plan
+from trainer.train import config_dir
 
 SMALL = dict(n_layer=3, n_head=4, d_model=64, max_seq_len=32, vocab_size=300)
 
@@ -169,3 +171,38 @@ def test_a_config_the_trainer_refuses_gives_its_error():
     cfg = dataclasses.replace(config(1), engine=EngineConfig(zero_stage=1, precision="fp16"))
     with pytest.raises(ConfigError, match="engine.precision=fp16: DeepSpeed has no fp16 on CPU"):
         make_plan(cfg, dataclasses.replace(KNOWN_DEVICES["h100-sxm"], key="cpu"), 1, 1, baseline=0)
+
+
+SEVEN_B = [
+    "model=llama-7b",
+    "engine=zero3",
+    "engine.precision=bf16",
+    "data.seq_len=4096",
+    "global_batch_size=64",
+    "micro_batch_size=1",
+    "max_steps=1000",
+    "plan.device=h100-sxm",
+    "plan.gpus_per_node=8",
+    "plan.nodes=2",
+]
+
+
+def _plan_cli(overrides: list[str], capsys) -> str:
+    """What `python -m trainer.plan overrides` prints (composed and run in this process)."""
+    from trainer.plan import run
+
+    register_configs()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        run(compose(config_name="train", overrides=overrides))
+    return capsys.readouterr().out
+
+
+def test_plan_for_7b_on_two_nodes_of_8_h100(capsys):
+    out = _plan_cli(SEVEN_B, capsys)
+    assert "6,738,415,616 params | 16 x h100-sxm (2 node(s) x 8) | ZeRO-3" in out
+    assert ": fits (" in out and "tokens/s" in out and "inter-node" in out and "checkpoint:" in out
+
+
+def test_a_run_that_cannot_fit_names_what_would(capsys):
+    out = _plan_cli([*SEVEN_B, "engine=zero0", "engine.precision=bf16", "plan.device=a100-40gb"], capsys)
+    assert "DOES NOT FIT" in out and "fits with: engine.zero_stage=" in out
