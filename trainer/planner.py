@@ -454,12 +454,12 @@ def make_plan(
             "activation",
         )
     )
-    if not device.is_cpu:
-        items.append(build_item(cfg, mcfg, ds))
-    items = [i for i in items if i.nbytes > 0]
     items.append(
         Item("logits", logits_bytes(mcfg, micro, seq, prec), "device", "4 x tokens x vocab", "activation")
     )
+    if not device.is_cpu:
+        items.append(build_item(cfg, mcfg, ds))
+    items = [i for i in items if i.nbytes > 0]
     n = num_params(mcfg)
     zero = _zero(ds)
     plan = Plan(

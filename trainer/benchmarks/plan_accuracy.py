@@ -39,7 +39,9 @@ CASES = [f"{e}/{a}" for e in ENGINES for a in ("none", "full")]
 TOLERANCE = 0.15
 
 
-def run_case(case: str, work: Path, steps: int, data_dir: Path, timeout: int = 1200) -> dict:
+def run_case(
+    case: str, work: Path, steps: int, data_dir: Path, env: dict[str, str] | None = None, timeout: int = 1200
+) -> dict:
     """One 2-rank run; returns its plan_check event plus the checkpoint's size on disk."""
     engine, act_ckpt = case.split("/")
     run_dir = work / case.replace("/", "-")
@@ -66,7 +68,7 @@ def run_case(case: str, work: Path, steps: int, data_dir: Path, timeout: int = 1
         "trainer.train",
         *overrides,
     ]
-    env = os.environ | {"OMP_NUM_THREADS": "1"}
+    env = (env or dict(os.environ)) | {"OMP_NUM_THREADS": "1"}
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
