@@ -12,7 +12,8 @@ from omegaconf import DictConfig
 
 from trainer.cli import one_line_errors
 from trainer.config import TrainConfig, register_configs
-from trainer.planner import GiB, Plan, cluster, make_plan, rss_now
+from trainer.devices import GiB, cluster
+from trainer.planner import Plan, make_plan, rss_now
 from trainer.train import config_dir, to_typed
 
 

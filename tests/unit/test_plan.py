@@ -10,8 +10,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from trainer.config import ConfigError, DataConfig, EngineConfig, ModelConfig, TrainConfig, register_configs
+from trainer.devices import KNOWN_DEVICES, device_spec
 from trainer.model import GPT, num_params
-from trainer.planner import KNOWN_DEVICES, activation_bytes, device_spec, make_plan
+from trainer.planner import activation_bytes, make_plan
 from trainer.train import config_dir
 
 SMALL = dict(n_layer=3, n_head=4, d_model=64, max_seq_len=32, vocab_size=300)
