@@ -63,6 +63,7 @@ def render(plan: Plan, cfg: TrainConfig) -> str:
         lines.append(
             f"  {'total on device':26s}{_gib(total)}  of {d.memory / GiB:.1f} GiB: {verdict} "
             f"({100 * total / d.memory:.0f}%)"
+            + (", tight: allocator fragmentation is not counted" * (total > 0.9 * d.memory))
         )
         lines.append(
             f"  {'host RAM':26s}{_gib(plan.host_bytes())}  per rank (the model as built, or offloaded state)"
