@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -231,7 +232,9 @@ def buffer_items(
     elif zero.stage == 3:
         largest, _ = _shapes(mcfg, 0)
         # gathered parameters beyond one layer: prefetched, or kept while reused soon
-        live = min(n, zero.max_live_parameters) if zero.max_reuse_distance >= n else zero.prefetch_bucket_size
+        # a gathered parameter stays until it is not reused within max_reuse_distance (prefetch
+        # brings the next ones early); max_live_parameters caps the total
+        live = min(n, zero.max_live_parameters, max(zero.prefetch_bucket_size, zero.max_reuse_distance))
         items.append(
             Item(
                 "live parameters",
@@ -352,6 +355,7 @@ def make_plan(
         grad_accum_steps=accum,
         world_size=world,
         total_steps=cfg.total_steps(),
+        **_model_kwarg(mcfg),
     )
     seq, micro, prec = cfg.data.seq_len, cfg.micro_batch_size, cfg.engine.precision
     items = base_items(device, world, baseline)
@@ -395,6 +399,12 @@ def make_plan(
     if suggest and not plan.fits():
         plan.suggestions = suggestions(cfg, mcfg, device, gpus_per_node, nodes, baseline)
     return plan
+
+
+def _model_kwarg(mcfg: ModelConfig) -> dict[str, Any]:
+    """``model=`` for ``deepspeed_config`` where it sizes buffers from the model (ZeRO-3's, once the
+    partitioned build is in), so the plan reads the same buckets the engine gets."""
+    return {"model": mcfg} if "model" in inspect.signature(deepspeed_config).parameters else {}
 
 
 def comm_bytes(stage: int, n: int, w: int, world: int, accum: int) -> float:
