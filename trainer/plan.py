@@ -7,13 +7,15 @@ time and throughput, communication, time to the end, and checkpoint size (see tr
 
 from __future__ import annotations
 
+import dataclasses
+
 import hydra
 from omegaconf import DictConfig
 
 from trainer.cli import one_line_errors
-from trainer.config import TrainConfig, register_configs
+from trainer.config import ConfigError, TrainConfig, register_configs
 from trainer.devices import GiB, cluster
-from trainer.planner import Plan, make_plan, rss_now
+from trainer.planner import Plan, activation_bytes, apply_overrides, make_plan, resolve_model, rss_now
 from trainer.train import config_dir, to_typed
 
 
@@ -101,12 +103,52 @@ def render(plan: Plan, cfg: TrainConfig) -> str:
     return "\n".join(lines)
 
 
+def alternatives(plan: Plan, cfg: TrainConfig, baseline: float | None) -> list[str]:
+    """Memory per rank at every ZeRO stage (and offload), and activations under every act_ckpt policy."""
+    zero3 = ["engine.zero_stage=3"]
+    options = [
+        (f"{s}", [f"engine.zero_stage={s}", "engine.offload_optimizer=false", "engine.offload_params=false"])
+        for s in range(4)
+    ]
+    options += [
+        ("3+offload", [*zero3, "engine.offload_optimizer=true", "engine.offload_params=false"]),
+        ("3+offload+params", [*zero3, "engine.offload_optimizer=true", "engine.offload_params=true"]),
+    ]
+    totals = []
+    for name, overrides in options:
+        try:
+            other = make_plan(
+                apply_overrides(cfg, overrides),
+                plan.device,
+                plan.gpus_per_node,
+                plan.nodes,
+                baseline=baseline,
+                suggest=False,
+            )
+        except ConfigError:  # e.g. skipping a step needs ZeRO >= 1
+            continue
+        totals.append(f"{name}: {other.device_bytes() / GiB:.1f}")
+    acts = []
+    for policy in ("none", "selective", "every_n", "full"):
+        model = dataclasses.replace(resolve_model(cfg), act_ckpt=policy)
+        nbytes = activation_bytes(
+            model, cfg.micro_batch_size, cfg.data.seq_len, cfg.engine.precision, plan.device.is_cpu
+        )
+        acts.append(f"{policy}: {nbytes / GiB:.2f}")
+    return [
+        "  by ZeRO stage, GiB per rank on the device: " + " | ".join(totals),
+        "  activations by model.act_ckpt, GiB: " + " | ".join(acts),
+    ]
+
+
 def run(cfg: DictConfig) -> Plan:
     typed = to_typed(cfg)
     device, per_node, nodes = cluster(typed.plan)
     baseline = process_baseline() if device.is_cpu else None
     plan = make_plan(typed, device, per_node, nodes, baseline=baseline)
-    print(render(plan, typed))
+    text = render(plan, typed).split("\n")
+    at = next(i for i, line in enumerate(text) if line == "time:")
+    print("\n".join(text[:at] + alternatives(plan, typed, baseline) + text[at:]))
     return plan
 
 
