@@ -15,7 +15,6 @@ and an upper bound on GPUs, where activations are freed as gradients appear.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import itertools
 import os
@@ -27,7 +26,7 @@ import torch
 from trainer.config import ConfigError, ModelConfig, TrainConfig
 from trainer.devices import DeviceSpec, GiB, cluster
 from trainer.engine import deepspeed_config
-from trainer.model import GPT, flops_per_token, num_params, padded_vocab_size
+from trainer.model import flops_per_token, num_params, padded_vocab_size
 from trainer.perf import hardware_flops_per_token
 
 # DeepSpeed's CPU all-reduce keeps a shared-memory workspace per rank of 2 x 1 MiB + 2 x 32 MiB
@@ -129,20 +128,40 @@ def _zero(ds: dict[str, Any]):
     return DeepSpeedZeroConfig(**ds.get("zero_optimization", {}))
 
 
+def param_tensors(cfg: ModelConfig) -> list[tuple[str, int]]:
+    """(module, elements) of every parameter tensor of GPT(cfg), from the config alone (a tied table
+    appears under both of its modules; tests/unit/test_plan.py checks this against the model)."""
+    d, f, v, b = cfg.d_model, cfg.ffn_dim, padded_vocab_size(cfg), cfg.bias
+    qkv = d + 2 * cfg.kv_heads * cfg.head_dim
+    norm = [("norm", d)] + ([("norm", d)] if cfg.norm == "layernorm" and b else [])
+    mlp = (
+        [("w1", d * f), ("w3", d * f), ("w2", f * d)]
+        if cfg.mlp == "swiglu"
+        else [("up", d * f), ("down", f * d)]
+    )
+    if b:
+        mlp += [("w1", f), ("w3", f), ("w2", d)] if cfg.mlp == "swiglu" else [("up", f), ("down", d)]
+    block = [*norm, ("qkv", d * qkv), ("out_proj", d * d), *norm, *mlp]
+    block += [("qkv", qkv), ("out_proj", d)] if b else []
+    out = [("tok_emb", v * d), ("lm_head", v * d)] + [
+        (f"{m}{i}", n) for i in range(cfg.n_layer) for m, n in block
+    ]
+    out += norm + ([("pos_emb", cfg.max_seq_len * d)] if cfg.pos_emb == "learned" else [])
+    return out
+
+
 def _shapes(cfg: ModelConfig, persist_below: int) -> tuple[int, int]:
     """The largest module's own parameters (what DeepSpeed's estimator calls the largest layer; a
     tied table counts in both modules) and the parameters ZeRO-3 keeps whole (tensors of fewer than
-    ``persist_below`` elements), from the model built on the meta device: no memory, exact shapes."""
-    return _shapes_of(dataclasses.astuple(cfg), persist_below)
-
-
-@functools.lru_cache(maxsize=64)  # the fit search plans one model many times
-def _shapes_of(fields: tuple, persist_below: int) -> tuple[int, int]:
-    cfg = ModelConfig(*fields)
-    with torch.device("meta"):
-        model = GPT(cfg)
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    persistent = sum(p.numel() for p in model.parameters() if p.numel() < persist_below)
+    ``persist_below`` elements)."""
+    tensors = param_tensors(cfg)
+    per_module: dict[str, int] = {}
+    for module, n in tensors:
+        if not module.startswith("norm"):  # each norm is its own module, of d or 2d elements
+            per_module[module] = per_module.get(module, 0) + n
+    largest = max([*per_module.values(), 2 * cfg.d_model])
+    shared = 1 if cfg.tie_embeddings else 0  # the tied table: one tensor
+    persistent = sum(n for _, n in tensors[shared:] if n < persist_below)
     return largest, persistent
 
 

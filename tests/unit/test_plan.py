@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from trainer.config import ConfigError, DataConfig, EngineConfig, ModelConfig, TrainConfig, register_configs
 from trainer.devices import KNOWN_DEVICES, device_spec
 from trainer.model import GPT, num_params
-from trainer.planner import activation_bytes, make_plan
+from trainer.planner import _shapes, activation_bytes, make_plan, param_tensors
 from trainer.train import config_dir
 
 SMALL = dict(n_layer=3, n_head=4, d_model=64, max_seq_len=32, vocab_size=300)
@@ -207,3 +207,23 @@ def test_plan_for_7b_on_two_nodes_of_8_h100(capsys):
 def test_a_run_that_cannot_fit_names_what_would(capsys):
     out = _plan_cli([*SEVEN_B, "engine=zero0", "engine.precision=bf16", "plan.device=a100-40gb"], capsys)
     assert "DOES NOT FIT" in out and "fits with: engine.zero_stage=" in out
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        dict(mlp="gelu", bias=True, norm="layernorm", pos_emb="learned"),
+        dict(n_kv_head=2, tie_embeddings=False),
+    ],
+)
+def test_parameter_tensors_from_the_config_match_the_model(extra):
+    from deepspeed.runtime.zero.stage3 import model_to_params
+
+    cfg = ModelConfig(**SMALL, **extra)
+    model = GPT(cfg)
+    assert sorted(n for _, n in param_tensors(cfg)[cfg.tie_embeddings :]) == sorted(
+        p.numel() for p in model.parameters()
+    )
+    assert _shapes(cfg, 0)[0] == model_to_params(model)[1]  # DeepSpeed's "largest layer"
+    assert _shapes(cfg, 100)[1] == sum(p.numel() for p in model.parameters() if p.numel() < 100)
