@@ -438,9 +438,12 @@ def comm_bytes(stage: int, n: int, w: int, world: int, accum: int) -> float:
 
 
 def checkpoint_bytes(stage: int, n: int, precision: str) -> float:
-    """Weights in the working precision, plus fp32 master weights and two moments (ZeRO-0 in fp32:
-    torch's AdamW keeps the two moments only)."""
+    """Weights in the working precision, plus fp32 master weights and two moments. ZeRO-0 in fp32:
+    torch's AdamW keeps the two moments only; ZeRO-3: no module weights (its module holds only
+    partitions; the fp32 master partitions are the weights): 12 bytes per parameter (measured in fp32)."""
     w = 4 if precision == "fp32" else 2
+    if stage == 3:
+        return 12 * n
     optimizer = 8 * n if stage == 0 and precision == "fp32" else 12 * n
     return w * n + optimizer
 
