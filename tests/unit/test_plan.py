@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from trainer.config import ConfigError, DataConfig, EngineConfig, ModelConfig, TrainConfig, register_configs
 from trainer.devices import KNOWN_DEVICES, device_spec
 from trainer.model import GPT, num_params
-from trainer.planner import _shapes, activation_bytes, make_plan, param_tensors
+from trainer.planner import _shapes, activation_bytes, compare_peak, make_plan, param_tensors
 from trainer.train import config_dir
 
 SMALL = dict(n_layer=3, n_head=4, d_model=64, max_seq_len=32, vocab_size=300)
@@ -227,3 +227,13 @@ def test_parameter_tensors_from_the_config_match_the_model(extra):
     )
     assert _shapes(cfg, 0)[0] == model_to_params(model)[1]  # DeepSpeed's "largest layer"
     assert _shapes(cfg, 100)[1] == sum(p.numel() for p in model.parameters() if p.numel() < 100)
+
+
+def test_a_measured_peak_more_than_25_percent_off_the_plan_warns(caplog):
+    plan = make_plan(config(2), KNOWN_DEVICES["h100-sxm"], 8, 1)
+    planned = plan.device_bytes()
+    event = compare_peak(plan, [planned * 1.2, planned * 0.9], step=7)
+    assert event["ratio"] == pytest.approx(1.2) and event["step"] == 7 and not caplog.records
+    event = compare_peak(plan, [planned * 1.1, planned * 0.7], step=7)
+    assert event["ratio"] == pytest.approx(0.7)
+    assert "differs from the plan" in caplog.text and "-30%" in caplog.text
