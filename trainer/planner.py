@@ -196,8 +196,10 @@ def model_state_items(cfg: TrainConfig, mcfg: ModelConfig, ds: dict[str, Any], w
         items.append(Item("gradients", w * n, "device", "full: reduced at the step"))
     elif stage == 2 and opt_at == "device":  # offloaded: straight into the host's fp32 gradients
         items.append(Item("gradients", w * n / g, opt_at, "partition"))
-    elif mixed:  # ZeRO-3's 16-bit reduce-scatter target; DeepSpeed's estimator leaves it out
-        items.append(Item("gradient partition", w * n / g, "device", "16-bit", kind="buffer"))
+    elif mixed or opt_at == "host":
+        # ZeRO-3's reduce-scatter target, apart from the optimizer's fp32 gradients when those are
+        # another dtype or on the host; DeepSpeed's estimator leaves it out
+        items.append(Item("gradient partition", w * n / g, "device", f"{w} B/param", kind="buffer"))
     if mixed or stage >= 1:
         items.append(Item("master weights", 4 * share, opt_at, "fp32"))
     if mixed or stage in (1, 2) or (stage == 3 and not mixed):
