@@ -252,6 +252,26 @@ class PerfConfig:
 
 
 @dataclass
+class PlanConfig:
+    """The cluster a run is planned for (``python -m trainer.plan``, see trainer/planner.py), and the
+    check ``trainer.train`` makes at start against the devices it really has."""
+
+    device: str = "auto"  # auto: this machine's device | h100-sxm | h100-pcie | a100-80gb | a100-40gb | cpu
+    gpus_per_node: int = 0  # ranks per node; 0: this launch's (LOCAL_WORLD_SIZE, else 1)
+    nodes: int = 0  # 0: this launch's (WORLD_SIZE / ranks per node)
+    mfu: List[float] = field(default_factory=list)  # [low, high] fraction of peak; empty: the device's range
+    write_gbps: float = 0.0  # checkpoint write bandwidth per node, GB/s; 0: the device's stated figure
+    check: bool = True  # trainer.train refuses to start when the plan says the run does not fit
+
+    def __post_init__(self) -> None:
+        _positive("plan.gpus_per_node", self.gpus_per_node, allow_zero=True)
+        _positive("plan.nodes", self.nodes, allow_zero=True)
+        _positive("plan.write_gbps", self.write_gbps, allow_zero=True)
+        if self.mfu and (len(self.mfu) != 2 or not 0 < self.mfu[0] <= self.mfu[1] <= 1):
+            raise ConfigError(f"plan.mfu={list(self.mfu)} must be [low, high] with 0 < low <= high <= 1")
+
+
+@dataclass
 class ProfileConfig:
     """torch.profiler traces of a few steps into <run_dir>/profile/ (see trainer/profiling.py)."""
 
@@ -293,6 +313,7 @@ class TrainConfig:
     guard: GuardConfig = field(default_factory=GuardConfig)
     perf: PerfConfig = field(default_factory=PerfConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
+    plan: PlanConfig = field(default_factory=PlanConfig)
 
     def __post_init__(self) -> None:
         for key in ("max_steps", "global_batch_size", "log_every", "eval_batches"):

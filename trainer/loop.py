@@ -30,6 +30,7 @@ from trainer.gc_schedule import ScheduledGC
 from trainer.guard import StepControl, TrainingHalted
 from trainer.metrics import MetricsSink, open_sink
 from trainer.perf import Peak, PerfMeter, build_meter, device_peak, loss_scale, memory_stats, peak_rss_gb
+from trainer.planner import Plan, check_at_start, compare_peak, measured_peak
 from trainer.profiling import StepProfiler
 from trainer.signals import Preempted, StopSignal
 
@@ -78,6 +79,7 @@ class Run:
     state: TrainState
     total_steps: int
     peak: Peak | None  # the device's peak FLOP/s, for MFU
+    plan: Plan | None = None  # what trainer.planner predicted for this run
 
 
 def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
@@ -96,6 +98,7 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
         cfg.data, cfg.global_batch_size, dist.rank, dist.world_size, dist.local_rank, barrier, record_dir
     )
     model_cfg = resolve_vocab(cfg.model, data.vocab_size)
+    plan = check_at_start(cfg, model_cfg, dist.world_size)  # refuses a run that cannot fit
     total_steps = cfg.total_steps()
     ds_cfg = deepspeed_config(
         cfg.engine,
@@ -133,7 +136,7 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
                 "data.sources weights as that run had them, or start a new run_dir"
             ) from None
         log.info("resumed from %s at step %d", step_dir, state.step)
-    return Run(cfg, dist, engine, data, state, total_steps, peak)
+    return Run(cfg, dist, engine, data, state, total_steps, peak, plan)
 
 
 def train(run: Run, resolved_config: dict[str, Any], stop: StopSignal) -> None:
@@ -195,7 +198,8 @@ def fit(run: Run, sink: MetricsSink, stop: StopSignal) -> None:
 
     # the worst rank's host memory high-water mark once the run is built (model, engine, resume)
     (build_peak,) = max_over_ranks([peak_rss_gb()], run.dist)
-    sink.log({"event": "perf", "step": state.step, "build_peak_rss_gb": build_peak} | meter.describe())
+    plan = {"plan": run.plan.summary()} if run.plan is not None else {}
+    sink.log({"event": "perf", "step": state.step, "build_peak_rss_gb": build_peak} | meter.describe() | plan)
     losses: list[float] = []
     run.engine.train()
     root = checkpoint.checkpoint_root(Path(cfg.run_dir))
@@ -236,6 +240,10 @@ def fit(run: Run, sink: MetricsSink, stop: StopSignal) -> None:
                 stop.ignore_further()
                 msg = f"stopped on request after step {state.step}; a restart resumes from there"
                 raise Preempted(msg, stop.received)
+    if run.plan is not None:  # every rank's peak memory against the plan
+        peaks = gather_to_main(measured_peak(run.dist.device), run.dist)
+        if peaks is not None:
+            sink.log(compare_peak(run.plan, peaks, state.step))
     # Finished: a stop request now has nothing left to save, and the default action (terminate)
     # would turn a finished run into a failed one while it closes its sinks.
     stop.ignore_further()

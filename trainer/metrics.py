@@ -213,7 +213,13 @@ def format_event(e: dict[str, Any]) -> str:
         return f"skip  step {e['step']:>6} | {e['reason']} | {len(e['sample_ids'])} samples recorded"
     if e["event"] == "perf":
         peak = f"{e['peak_tflops'] * 1e3:,.1f} GFLOP/s" if e.get("peak_tflops") else "none"
-        return f"perf  peak {peak} ({e['peak_source']}) | {e['flops_per_token']:,} FLOPs/token"
+        line = f"perf  peak {peak} ({e['peak_source']}) | {e['flops_per_token']:,} FLOPs/token"
+        if e.get("plan"):
+            line += f" | plan {e['plan']['memory_gb']:.2f} GiB per rank"
+        return line
+    if e["event"] == "plan_check":
+        peak = max(e["peak_gb"])
+        return f"plan  peak memory {peak:.2f} GiB per rank measured, {e['planned_gb']:.2f} GiB planned"
     return json.dumps(e)
 
 
