@@ -15,7 +15,6 @@ and an upper bound on GPUs, where activations are freed as gradients appear.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import itertools
 import os
 from dataclasses import dataclass, field
@@ -376,7 +375,7 @@ def make_plan(
         grad_accum_steps=accum,
         world_size=world,
         total_steps=cfg.total_steps(),
-        **_model_kwarg(mcfg),
+        model=mcfg,
     )
     seq, micro, prec = cfg.data.seq_len, cfg.micro_batch_size, cfg.engine.precision
     items = base_items(device, world, baseline)
@@ -420,12 +419,6 @@ def make_plan(
     if suggest and not plan.fits():
         plan.suggestions = suggestions(cfg, mcfg, device, gpus_per_node, nodes, baseline)
     return plan
-
-
-def _model_kwarg(mcfg: ModelConfig) -> dict[str, Any]:
-    """``model=`` for ``deepspeed_config`` where it sizes buffers from the model (ZeRO-3's, once the
-    partitioned build is in), so the plan reads the same buckets the engine gets."""
-    return {"model": mcfg} if "model" in inspect.signature(deepspeed_config).parameters else {}
 
 
 def comm_bytes(stage: int, n: int, w: int, world: int, accum: int) -> float:
