@@ -144,6 +144,8 @@ def alternatives(plan: Plan, cfg: TrainConfig, baseline: float | None) -> list[s
 def run(cfg: DictConfig) -> Plan:
     typed = to_typed(cfg)
     device, per_node, nodes = cluster(typed.plan)
+    # micro_batch_size=auto becomes a number for this cluster's world size, as in training
+    typed = dataclasses.replace(typed, micro_batch_size=typed.micro_batch(per_node * nodes))
     baseline = process_baseline() if device.is_cpu else None
     plan = make_plan(typed, device, per_node, nodes, baseline=baseline)
     text = render(plan, typed).split("\n")

@@ -364,6 +364,7 @@ def make_plan(
 ) -> Plan:
     """The plan for ``cfg`` on ``nodes`` x ``gpus_per_node`` ranks of ``device``."""
     world = gpus_per_node * nodes
+    cfg = dataclasses.replace(cfg, micro_batch_size=cfg.micro_batch(world))  # `auto` for this world
     if cfg.engine.precision == "fp16" and device.is_cpu:
         raise ConfigError("engine.precision=fp16: DeepSpeed has no fp16 on CPU: use bf16 or fp32 there")
     accum = cfg.grad_accum_steps(world)  # the trainer's own check: the same one-line error
