@@ -93,8 +93,9 @@ def zero3_buffers(model: ModelConfig) -> dict[str, int]:
     rule for the first three), a bucket holds a few of a block's matrices and at most about two
     blocks' parameters stay gathered, and the optimizer steps two blocks' worth at a time (its
     temporaries): a fixed cost per rank whatever the world size, at least 2^20 elements. Small
-    parameters (norms, biases: up to 10 x d_model) stay whole on every rank, as they are
-    cheaper to keep than to gather. ``engine.ds_config`` still overrides any of these.
+    parameters (norms, biases: up to 1e5 elements, or 10 x d_model) stay whole on every rank, as
+    they are cheaper to keep than to gather (a lower threshold gathered a tiny model's matrices
+    at every layer: half again as many collectives per step). ``engine.ds_config`` overrides these.
     """
     d2 = model.d_model * model.d_model
     block = 12 * d2  # about one Transformer block's parameters (attention 4 D^2, MLP 8 D^2)
@@ -102,7 +103,7 @@ def zero3_buffers(model: ModelConfig) -> dict[str, int]:
     return {
         "reduce_bucket_size": max(floor, d2),
         "stage3_prefetch_bucket_size": max(floor, int(0.9 * d2)),
-        "stage3_param_persistence_threshold": 10 * model.d_model,
+        "stage3_param_persistence_threshold": max(100_000, 10 * model.d_model),  # 1e5: DeepSpeed's
         "stage3_max_live_parameters": max(floor, 2 * block),
         "stage3_max_reuse_distance": max(floor, 2 * block),
         "sub_group_size": max(floor, 2 * block),

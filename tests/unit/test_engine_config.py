@@ -124,9 +124,10 @@ def test_zero3_buffers_follow_the_model_and_stay_overridable():
 
     small, big = ModelConfig(d_model=64, vocab_size=300), ModelConfig(d_model=1024, n_head=16, vocab_size=300)
     zero = _ds(EngineConfig(zero_stage=3), model=big)["zero_optimization"]
-    assert zero["reduce_bucket_size"] == 1024**2 and zero["stage3_param_persistence_threshold"] == 10240
+    assert zero["reduce_bucket_size"] == 1024**2 and zero["stage3_max_live_parameters"] == 24 * 1024**2
     assert all(zero[k] == v for k, v in zero3_buffers(big).items())
-    assert all(zero3_buffers(small)[k] < v for k, v in zero3_buffers(big).items())  # scale with d_model
+    scaled = ("stage3_max_live_parameters", "sub_group_size")  # (small: at their 2^20 floor)
+    assert all(zero3_buffers(small)[k] < zero3_buffers(big)[k] for k in scaled)  # they scale with d_model
     assert "reduce_bucket_size" not in _ds(EngineConfig(zero_stage=2), model=big)["zero_optimization"]
     assert "sub_group_size" not in _ds(EngineConfig(zero_stage=3))["zero_optimization"]  # DeepSpeed's
     raw = {"zero_optimization": {"reduce_bucket_size": 5e8, "sub_group_size": 7}}
