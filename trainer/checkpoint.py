@@ -191,10 +191,15 @@ class Saver:
             own = _write_own_files(partial, trainer_state, self.dist)
             snapshots = _SnapshotEngine(engine.checkpoint_engine, self.pool)
             engine.checkpoint_engine, inner = snapshots, engine.checkpoint_engine
+            # The copies are memory-bound, and each of them run on several threads waits for
+            # the slowest: on a busy host one thread took 0.5 s for 505 MiB where two took 1-2 s.
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
             try:
                 _save_engine(engine, self.root, partial)
             finally:
                 engine.checkpoint_engine = inner
+                torch.set_num_threads(threads)
         except (OSError, RuntimeError) as e:
             raise _failure(
                 self.root, partial, final, self.dist, f"{type(e).__name__}: {str(e).splitlines()[0]}"
@@ -211,7 +216,10 @@ class Saver:
         return {"blocked_s": time.perf_counter() - t0, "wait_s": waited}
 
     def _write(self, write: _Write, inner, files: list[tuple[Any, str]], own: list[Path]) -> None:
-        _lower_priority()  # the step loop's threads come first; the write takes what they leave
+        # The step loop's threads come first; the write takes what they leave. Measured on 2
+        # busy cores: at nice 10 the steps during a write ran +141% slower (its bursts stall
+        # their 2-thread parallel regions), at nice 19 +1.5%, the write taking 52 s, not 9 s.
+        _lower_priority()
         try:
             for state, path in files:
                 inner.save(state, path)  # DeepSpeed's own writer (torch.save, its serialization)
@@ -323,7 +331,7 @@ class _HostPool:
         self.used = []
 
 
-def _lower_priority(niceness: int = 10) -> None:
+def _lower_priority(niceness: int = 19) -> None:
     """Lower the calling thread's CPU priority (Linux: nice is per thread; elsewhere a no-op)."""
     with contextlib.suppress(AttributeError, OSError):
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), niceness)
