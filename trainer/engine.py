@@ -184,7 +184,27 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optim: Optim
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, factor),
         config=ds_config,
     )
+    _share_zero3_master_weights(engine.optimizer)
     return engine
+
+
+def _share_zero3_master_weights(optimizer) -> None:
+    """Let ZeRO-3's fp32 master partition be the module's own partition when both are fp32.
+
+    DeepSpeed 0.19 means to skip the master copy when the partitioned params already have the
+    master dtype and device (stage3.py `_create_fp32_partitions`), but compares
+    `tensor.device == "cpu"` (a torch.device against a str: False), so on CPU it keeps a second
+    fp32 copy, 4 B/param more. Sharing the storage is exactly its intended path: the optimizer
+    updates the master in place and the copy back to the partition becomes a self-copy.
+    """
+    masters = getattr(optimizer, "fp32_partitioned_groups_flat", None)
+    partitions = getattr(optimizer, "fp16_partitioned_groups_flat", None)
+    if not masters or not partitions or getattr(optimizer, "offload_optimizer", False):
+        return  # offloaded masters live where DeepSpeed's offload path wants them
+    for master, part in zip(masters, partitions):
+        if (part is not None and master.dtype == part.dtype and master.device == part.device
+                and master.numel() == part.numel() and master.data_ptr() != part.data_ptr()):
+            master.data = part
 
 
 def current_lr(engine) -> float:
