@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -92,6 +93,7 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
         grad_accum_steps=cfg.grad_accum_steps(dist.world_size),
         world_size=dist.world_size,
         total_steps=total_steps,
+        device_type=dist.device.type,
     )
     # On another world size, ZeRO's partitioned optimizer state goes through DeepSpeed's
     # universal checkpoint (converted once); unpartitioned ZeRO-0 state loads as it is.
@@ -103,6 +105,8 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
     if universal:
         ds_cfg["checkpoint"] = {"load_universal": True}
     engine = build_engine(model, ds_cfg, cfg.optim, total_steps)
+    if cfg.model.compile:
+        compile_model(engine)
     state = TrainState()
     if step_dir is not None:
         if universal:
@@ -120,6 +124,17 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
             ) from None
         log.info("resumed from %s at step %d", step_dir, state.step)
     return Run(cfg, dist, engine, data, state, total_steps, peak)
+
+
+def compile_model(engine) -> None:
+    """torch.compile the engine's module in place (DeepSpeed's ``engine.compile``: nn.Module.compile).
+
+    In place, the module's state_dict keys stay as they are (no ``_orig_mod.`` prefix), so
+    checkpoints of compiled and eager runs load into each other; DeepSpeed's hooks stay outside
+    the compiled graph. Compilation itself happens at the first forward (and backward); the
+    first step's time, reported as ``compile_s`` in the perf event, is mostly that.
+    """
+    engine.compile(backend="inductor")
 
 
 def train(run: Run, resolved_config: dict[str, Any], stop: StopSignal) -> None:
@@ -179,7 +194,10 @@ def fit(run: Run, sink: MetricsSink, stop: StopSignal) -> None:
         if clip is not None:
             clip(run.engine)
 
-    sink.log({"event": "perf", "step": state.step} | meter.describe())
+    perf_event = {"event": "perf", "step": state.step} | meter.describe() | {"compile": cfg.model.compile}
+    if not cfg.model.compile:
+        sink.log(perf_event)
+    first_step = time.perf_counter()
     losses: list[float] = []
     run.engine.train()
     with StepProfiler(cfg.profile, Path(cfg.run_dir), run.dist.rank, run.dist.device) as profiler:
@@ -192,6 +210,9 @@ def fit(run: Run, sink: MetricsSink, stop: StopSignal) -> None:
             skipped_before = run.engine.skipped_steps
             train_step(run.engine, batch, cfg.micro_batch_size, run.dist.device, control, before_optimizer)
             meter.step_done()
+            if cfg.model.compile and first_step is not None:  # compiled in this first step
+                sink.log(perf_event | {"compile_s": time.perf_counter() - first_step})
+                first_step = None
             state.step += 1
             state.tokens += cfg.tokens_per_step()
             if run.engine.skipped_steps > skipped_before:

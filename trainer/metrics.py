@@ -207,7 +207,8 @@ def format_event(e: dict[str, Any]) -> str:
         return f"skip  step {e['step']:>6} | {e['reason']} | {len(e['sample_ids'])} samples recorded"
     if e["event"] == "perf":
         peak = f"{e['peak_tflops'] * 1e3:,.1f} GFLOP/s" if e.get("peak_tflops") else "none"
-        return f"perf  peak {peak} ({e['peak_source']}) | {e['flops_per_token']:,} FLOPs/token"
+        line = f"perf  peak {peak} ({e['peak_source']}) | {e['flops_per_token']:,} FLOPs/token"
+        return line + (f" | compiled in {e['compile_s']:.1f} s (first step)" if "compile_s" in e else "")
     return json.dumps(e)
 
 

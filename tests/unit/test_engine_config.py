@@ -116,3 +116,55 @@ def test_grad_clip_clips_or_only_measures():
     measure = GradClip(max_norm=0.0)  # 0: no clipping, gradients untouched even at an inf norm
     measure(engine)
     assert math.isinf(float(measure.norm)) and not engine.module.bias.grad.isnan().any()
+
+
+@pytest.mark.parametrize(
+    "engine, device, expected",
+    [
+        (EngineConfig(zero_stage=1), "cuda", {"torch_adam": True, "fused": True}),
+        (EngineConfig(zero_stage=3, precision="bf16"), "cuda", {"torch_adam": True, "fused": True}),
+        (EngineConfig(zero_stage=0), "cpu", {"torch_adam": True, "fused": True}),
+        (EngineConfig(zero_stage=2), "mps", {"torch_adam": True}),  # no fused kernel: torch's default
+        (EngineConfig(zero_stage=2, offload_optimizer=True), "cuda", {"torch_adam": False}),  # CPU Adam
+    ],
+)
+def test_adamw_kernel_selection(engine, device, expected):
+    params = _ds(engine, device_type=device)["optimizer"]["params"]
+    assert {k: params[k] for k in ("torch_adam", "fused") if k in params} == expected
+
+
+_BUILD_ADAMW = """
+import os, sys, torch
+os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[2])
+from trainer.config import EngineConfig, ModelConfig, OptimConfig
+from trainer.engine import build_engine, deepspeed_config
+from trainer.model import GPT
+engine_cfg = EngineConfig(zero_stage=int(sys.argv[1]))
+ds = deepspeed_config(engine_cfg, OptimConfig(), micro_batch_size=2, grad_accum_steps=1, world_size=1,
+                      total_steps=10, device_type="cpu")
+model = GPT(ModelConfig(n_layer=1, d_model=32, n_head=2, vocab_size=64))
+engine = build_engine(model, ds, OptimConfig(), 10)
+opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO's wrapper holds torch's AdamW
+print("OPT", type(opt).__name__, opt.defaults.get("fused"))
+"""
+
+
+@pytest.mark.parametrize("stage", [0, 1])
+def test_deepspeed_builds_torchs_fused_adamw_from_the_config(stage):
+    """The `fused` key reaches torch.optim.AdamW through DeepSpeed (ZeRO wraps it, ZeRO-0 not).
+    In a process of its own: DeepSpeed initializes a process group."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", _BUILD_ADAMW, str(stage), str(port)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "OPT AdamW True" in proc.stdout.splitlines(), proc.stdout
