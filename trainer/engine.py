@@ -27,12 +27,13 @@ def deepspeed_config(
     world_size: int,
     total_steps: int,
     model: ModelConfig | None = None,
+    device_type: str = "cpu",
 ) -> dict[str, Any]:
     """The DeepSpeed config dict for this run (batch sizes, ZeRO, precision, AdamW, schedule).
 
     ``model``: ZeRO-3's buffers are sized to it (``zero3_buffers``); without it, DeepSpeed's defaults.
+    ``device_type``: where the optimizer runs (``DistInfo.device.type``), which picks its kernel.
     """
-    offload = engine.offload_optimizer
     ds: dict[str, Any] = {
         "train_batch_size": micro_batch_size * grad_accum_steps * world_size,
         "train_micro_batch_size_per_gpu": micro_batch_size,
@@ -57,12 +58,31 @@ def deepspeed_config(
                 "betas": list(optim.betas),
                 "eps": optim.eps,
                 "weight_decay": optim.weight_decay,  # per-group values from optimizer_groups win
-                # torch's AdamW runs on every accelerator; ZeRO-Offload needs DeepSpeed's CPU Adam.
-                "torch_adam": not offload,
-            },
+            }
+            | adamw_kernel(engine, device_type),
         },
     }
     return _deep_merge(ds, engine.ds_config)
+
+
+def adamw_kernel(engine: EngineConfig, device_type: str) -> dict[str, Any]:
+    """Which AdamW implementation DeepSpeed builds, as its optimizer params.
+
+    ZeRO-Offload steps on the CPU: DeepSpeed's CPU Adam (``torch_adam`` off). Otherwise torch's
+    AdamW with its fused kernel where torch has one (CUDA, CPU): one pass over each tensor instead
+    of a dozen elementwise ops, and no host sync. Measured on 2 CPU cores for the 0.89M model's
+    step: 1.7 ms against 4.6 ms (per-parameter tensors, ZeRO-0), 0.9 against 4.9 ms (one flat
+    tensor, ZeRO >= 1). Elsewhere torch's default. DeepSpeed's own FusedAdam would need its CUDA
+    extension built at first use (a DS_BUILD_OPS=0 install); torch's kernel needs nothing built.
+    """
+    if engine.offload_optimizer:
+        return {"torch_adam": False}
+    if device_type in FUSED_ADAMW_DEVICES:
+        return {"torch_adam": True, "fused": True}
+    return {"torch_adam": True}
+
+
+FUSED_ADAMW_DEVICES = ("cuda", "cpu")  # where torch.optim.AdamW(fused=True) has a kernel
 
 
 def clips_in_trainer(engine: EngineConfig) -> bool:

@@ -108,6 +108,7 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
         world_size=dist.world_size,
         total_steps=total_steps,
         model=model_cfg,
+        device_type=dist.device.type,
     )
     # On another world size, ZeRO's partitioned optimizer state goes through DeepSpeed's
     # universal checkpoint (converted once); unpartitioned ZeRO-0 state loads as it is.
@@ -120,6 +121,8 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
         ds_cfg["checkpoint"] = {"load_universal": True}
     engine = build_engine(build_model(model_cfg, ds_cfg), ds_cfg, cfg.optim, total_steps)
     hostmem.trim()
+    if cfg.model.compile:
+        compile_model(engine)
     state = TrainState()
     if step_dir is not None:
         if universal:
@@ -137,6 +140,17 @@ def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
             ) from None
         log.info("resumed from %s at step %d", step_dir, state.step)
     return Run(cfg, dist, engine, data, state, total_steps, peak, plan)
+
+
+def compile_model(engine) -> None:
+    """torch.compile the engine's module in place (DeepSpeed's ``engine.compile``: nn.Module.compile).
+
+    In place, the module's state_dict keys stay as they are (no ``_orig_mod.`` prefix), so
+    checkpoints of compiled and eager runs load into each other; DeepSpeed's hooks stay outside
+    the compiled graph. Compilation itself happens at the first forward (and backward); the
+    first step's time, reported as ``compile_s`` in the perf event, is mostly that.
+    """
+    engine.compile(backend="inductor")
 
 
 def train(run: Run, resolved_config: dict[str, Any], stop: StopSignal) -> None:
@@ -199,7 +213,11 @@ def fit(run: Run, sink: MetricsSink, stop: StopSignal) -> None:
     # the worst rank's host memory high-water mark once the run is built (model, engine, resume)
     (build_peak,) = max_over_ranks([peak_rss_gb()], run.dist)
     plan = {"plan": run.plan.summary()} if run.plan is not None else {}
-    sink.log({"event": "perf", "step": state.step, "build_peak_rss_gb": build_peak} | meter.describe() | plan)
+    perf_event = {"event": "perf", "step": state.step, "build_peak_rss_gb": build_peak} | meter.describe()
+    perf_event |= plan | {"compile": cfg.model.compile}
+    if not cfg.model.compile:
+        sink.log(perf_event)
+    first_step = time.perf_counter()
     losses: list[float] = []
     run.engine.train()
     root = checkpoint.checkpoint_root(Path(cfg.run_dir))
@@ -215,6 +233,9 @@ def fit(run: Run, sink: MetricsSink, stop: StopSignal) -> None:
             skipped_before = run.engine.skipped_steps
             train_step(run.engine, batch, cfg.micro_batch_size, run.dist.device, control, before_optimizer)
             meter.step_done()
+            if cfg.model.compile and first_step is not None:  # compiled in this first step
+                sink.log(perf_event | {"compile_s": time.perf_counter() - first_step})
+                first_step = None
             state.step += 1
             state.tokens += cfg.tokens_per_step()
             collector.after_step(state.step)  # the same steps on every rank: no rank waits for another's

@@ -216,7 +216,7 @@ def format_event(e: dict[str, Any]) -> str:
         line = f"perf  peak {peak} ({e['peak_source']}) | {e['flops_per_token']:,} FLOPs/token"
         if e.get("plan"):
             line += f" | plan {e['plan']['memory_gb']:.2f} GiB per rank"
-        return line
+        return line + (f" | compiled in {e['compile_s']:.1f} s (first step)" if "compile_s" in e else "")
     if e["event"] == "plan_check":
         peak = max(e["peak_gb"])
         return f"plan  peak memory {peak:.2f} GiB per rank measured, {e['planned_gb']:.2f} GiB planned"

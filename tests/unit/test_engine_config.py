@@ -134,3 +134,52 @@ def test_zero3_buffers_follow_the_model_and_stay_overridable():
     zero = _ds(EngineConfig(zero_stage=3, ds_config=raw), model=big)["zero_optimization"]
     assert zero["reduce_bucket_size"] == 5e8 and zero["sub_group_size"] == 7  # engine.ds_config wins
     assert zero["stage3_prefetch_bucket_size"] == zero3_buffers(big)["stage3_prefetch_bucket_size"]
+
+
+@pytest.mark.parametrize(
+    "engine, device, expected",
+    [
+        (EngineConfig(zero_stage=1), "cuda", {"torch_adam": True, "fused": True}),
+        (EngineConfig(zero_stage=3, precision="bf16"), "cuda", {"torch_adam": True, "fused": True}),
+        (EngineConfig(zero_stage=0), "cpu", {"torch_adam": True, "fused": True}),
+        (EngineConfig(zero_stage=2), "mps", {"torch_adam": True}),  # no fused kernel: torch's default
+        (EngineConfig(zero_stage=2, offload_optimizer=True), "cuda", {"torch_adam": False}),  # CPU Adam
+    ],
+)
+def test_adamw_kernel_selection(engine, device, expected):
+    params = _ds(engine, device_type=device)["optimizer"]["params"]
+    assert {k: params[k] for k in ("torch_adam", "fused") if k in params} == expected
+
+
+_BUILD_ADAMW = """
+import os, sys, torch
+os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+from trainer.config import EngineConfig, ModelConfig, OptimConfig
+from trainer.engine import build_engine, deepspeed_config
+from trainer.model import GPT
+for stage in (0, 1):
+    ds = deepspeed_config(EngineConfig(zero_stage=stage), OptimConfig(), micro_batch_size=2,
+                          grad_accum_steps=1, world_size=1, total_steps=10, device_type="cpu")
+    model = GPT(ModelConfig(n_layer=1, d_model=32, n_head=2, vocab_size=64))
+    engine = build_engine(model, ds, OptimConfig(), 10)
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO's wrapper holds torch's AdamW
+    print("OPT", stage, type(opt).__name__, opt.defaults.get("fused"))
+"""
+
+
+def test_deepspeed_builds_torchs_fused_adamw_from_the_config():
+    """The `fused` key reaches torch.optim.AdamW through DeepSpeed, at ZeRO-0 (DeepSpeed steps it
+    directly) and ZeRO-1 (its wrapper does). In a process of its own: DeepSpeed starts a process group."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", _BUILD_ADAMW, str(port)], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert "OPT 0 AdamW True" in lines and "OPT 1 AdamW True" in lines, proc.stdout

@@ -16,6 +16,16 @@ def to_device(tokens: torch.Tensor, device: torch.device | str) -> tuple[torch.T
 
     On a CPU device the widening and the two copies happen here, in the training step, instead of
     in the loader's prefetch thread: the same work (the same integers reach the model), moved.
+    To a GPU the rows go from pinned memory, so the copy is asynchronous (from pageable memory
+    ``non_blocking`` would still wait for it); torch caches pinned blocks, so pinning each batch
+    reuses the same few buffers.
     """
+    if pins_for(tokens, device):
+        tokens = tokens.pin_memory()
     t = tokens.to(device, non_blocking=True).long()
     return t[:, :-1].contiguous(), t[:, 1:].contiguous()
+
+
+def pins_for(tokens: torch.Tensor, device: torch.device | str) -> bool:
+    """Whether ``to_device`` pins ``tokens`` first: host rows bound for a CUDA device, not yet pinned."""
+    return torch.device(device).type == "cuda" and tokens.device.type == "cpu" and not tokens.is_pinned()
