@@ -362,7 +362,7 @@ def _snapshot(obj: Any, pool: _HostPool, memo: dict | None = None) -> Any:
         return out
     if isinstance(obj, list):
         return [_snapshot(v, pool, memo) for v in obj]
-    if isinstance(obj, tuple) and not hasattr(obj, "_fields"):
+    if type(obj) is tuple:  # only plain tuples: torch.Size (param shapes) and namedtuples keep their type
         return tuple(_snapshot(v, pool, memo) for v in obj)
     return copy.deepcopy(obj)
 

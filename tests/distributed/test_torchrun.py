@@ -16,7 +16,7 @@ WORKER = str(Path(__file__).with_name("agree_worker.py"))
 
 # What a user's console may show of a run: the trainer's progress (stdout), its log lines (stderr,
 # tagged with the rank), and torchrun's own (glog-style lines from torch/distributed's launcher).
-OURS_STDOUT = re.compile(r"(perf|train|eval|ckpt) ")
+OURS_STDOUT = re.compile(r"(perf|train|eval|ckpt|plan) ")
 OURS_STDERR = re.compile(r"\[rank\d+\] |[IWE]\d{4} [\d:.]+ \d+ torch/distributed/(run|launcher|elastic)/")
 
 

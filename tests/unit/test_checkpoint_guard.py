@@ -136,3 +136,15 @@ def test_stop_request_and_timed_save_are_reported():
     timed = StepControl(GuardConfig(), control.dist, StopSignal(), save_every_s=1e-9)
     _feed(timed, [1.0])
     assert timed.save_due
+
+
+def test_async_snapshot_copies_tensors_and_keeps_shapes():
+    """ZeRO-3's checkpoints hold parameter shapes as torch.Size (zero_to_fp32 calls .numel() on them)."""
+    from trainer.checkpoint import _HostPool, _snapshot
+
+    t = torch.ones(3)
+    state = {"param_shapes": [{"w": torch.Size([2, 3])}], "t": t, "pair": (t, 1)}
+    snap = _snapshot(state, _HostPool())
+    assert type(snap["param_shapes"][0]["w"]) is torch.Size and snap["param_shapes"][0]["w"].numel() == 6
+    t.add_(1)  # the step loop moves on: the snapshot keeps the moment it was taken
+    assert snap["t"].eq(1).all() and snap["pair"][0] is snap["t"]
