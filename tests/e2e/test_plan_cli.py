@@ -4,19 +4,7 @@
 from __future__ import annotations
 
 from tests.helpers import run_module
-
-SEVEN_B = [
-    "model=llama-7b",
-    "engine=zero3",
-    "engine.precision=bf16",
-    "data.seq_len=4096",
-    "global_batch_size=64",
-    "micro_batch_size=1",
-    "max_steps=1000",
-    "plan.device=h100-sxm",
-    "plan.gpus_per_node=8",
-    "plan.nodes=2",
-]
+from tests.unit.test_plan import SEVEN_B  # the README's worked example
 
 
 def test_unknown_device_is_one_line_naming_the_known_ones(tmp_path, cli_env):
