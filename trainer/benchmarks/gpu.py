@@ -39,34 +39,26 @@ def configurations(models: list[str]) -> list[list[str]]:
 
 def measure(overrides: list[str], steps: int, warmup: int) -> dict:
     """Train warmup + steps steps of one configuration in this process; tokens/s, MFU, memory."""
+    import tempfile
+    from pathlib import Path
+
     from trainer.benchmarks.train_throughput import load_config
-    from trainer.data.build import build_data
-    from trainer.distributed import barrier, init_distributed
-    from trainer.engine import build_engine, deepspeed_config
+    from trainer.distributed import init_distributed
     from trainer.guard import StepControl
-    from trainer.loop import compile_model, resolve_vocab, train_step
-    from trainer.model import GPT, flops_per_token
-    from trainer.perf import device_peak
+    from trainer.loop import build_run, train_step
+    from trainer.model import flops_per_token
     from trainer.signals import StopSignal
 
-    cfg = load_config(overrides)
+    # One run dir for all ranks of this torchrun (nothing is saved in it: no resume, no checkpoints).
+    run_dir = Path(tempfile.gettempdir()) / f"gpu-bench-{os.environ.get('MASTER_PORT', os.getpid())}"
+    run_dir.mkdir(exist_ok=True)
+    run_args = [f"run_dir={run_dir}", "checkpoint.resume=none", f"max_steps={steps + warmup}"]
+    cfg = load_config([*overrides, *run_args])
     dist = init_distributed()
-    data = build_data(cfg.data, cfg.global_batch_size, dist.rank, dist.world_size, dist.local_rank, barrier)
-    model_cfg = resolve_vocab(cfg.model, data.vocab_size)
-    torch.manual_seed(cfg.seed)
-    ds_cfg = deepspeed_config(
-        cfg.engine,
-        cfg.optim,
-        micro_batch_size=cfg.micro_batch_size,
-        grad_accum_steps=cfg.grad_accum_steps(dist.world_size),
-        world_size=dist.world_size,
-        total_steps=steps + warmup,
-        device_type=dist.device.type,
-    )
-    engine = build_engine(GPT(model_cfg), ds_cfg, cfg.optim, steps + warmup)
+    # As `trainer.train` builds it: micro_batch_size resolved, ZeRO-3 partitioned, compiled if asked.
+    run = build_run(cfg, dist)
+    cfg, engine, data, model_cfg = run.cfg, run.engine, run.data, run.engine.module.cfg
     compile_s = 0.0
-    if cfg.model.compile:
-        compile_model(engine)
     engine.train()
     control = StepControl(cfg.guard, dist, StopSignal(), save_every_s=0)
     batches = iter(data.train)
@@ -83,7 +75,7 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict:
             compile_s = time.perf_counter() - t0
     torch.cuda.synchronize(dist.device)
     tokens_per_s = steps * cfg.tokens_per_step() / (time.perf_counter() - start)
-    peak = device_peak(dist.device, cfg.engine.precision, cfg.perf.peak_tflops)
+    peak = run.peak
     per_device = tokens_per_s / dist.world_size
     mfu = per_device * flops_per_token(model_cfg, cfg.data.seq_len) / peak.flops if peak else None
     return {
