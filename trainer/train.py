@@ -37,6 +37,16 @@ def to_typed(cfg: DictConfig) -> TrainConfig:
     return typed
 
 
+def load_config(overrides: list[str]) -> TrainConfig:
+    """The typed training config for these overrides, composed outside Hydra's app (benchmarks,
+    workers): the same configs/ and the same checks as ``python -m trainer.train``."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        return to_typed(compose(config_name="train", overrides=overrides))
+
+
 def prepare_run_dir(run_dir: Path) -> None:
     """Every rank checks the run dir up front, so a bad path fails on all ranks, never hangs one."""
     try:

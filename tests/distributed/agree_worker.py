@@ -14,15 +14,13 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from trainer.config import register_configs
 from trainer.data import to_device
 from trainer.distributed import init_distributed
 from trainer.loop import build_run, fit
 from trainer.metrics import MetricsSink
 from trainer.signals import StopSignal
-from trainer.train import config_dir, to_typed
+from trainer.train import load_config
 
 
 def weights_fingerprint(engine) -> list[float]:
@@ -37,9 +35,7 @@ def weights_fingerprint(engine) -> list[float]:
 
 def main() -> None:
     out_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
-    register_configs()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = to_typed(compose(config_name="train", overrides=overrides))
+    cfg = load_config(overrides)
     dist = init_distributed()
     run = build_run(cfg, dist)
     Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)

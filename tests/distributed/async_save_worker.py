@@ -14,13 +14,11 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra import compose, initialize_config_dir
 
 from trainer import checkpoint
-from trainer.config import register_configs
 from trainer.distributed import init_distributed
 from trainer.loop import build_run, train_step
-from trainer.train import config_dir, to_typed
+from trainer.train import load_config
 
 
 def tensors(obj, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -45,9 +43,7 @@ def same_files(a: Path, b: Path) -> tuple[list[str], int]:
 
 def main() -> None:
     out_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
-    register_configs()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        cfg = to_typed(compose(config_name="train", overrides=overrides))
+    cfg = load_config(overrides)
     dist = init_distributed()
     run = build_run(cfg, dist)
     batches = iter(run.data.train)

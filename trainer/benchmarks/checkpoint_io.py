@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 
 from trainer import checkpoint
-from trainer.benchmarks.train_throughput import load_config
 from trainer.distributed import init_distributed
 from trainer.engine import build_engine, deepspeed_config
 from trainer.model import GPT, num_params
+from trainer.train import load_config
 
 
 def raw_write_read(path: Path, nbytes: int) -> tuple[float, float]:

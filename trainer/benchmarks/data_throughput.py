@@ -113,9 +113,10 @@ def training_samples_per_s(directory: Path, steps: int) -> float:
     """samples/s of the default config's training step (plain PyTorch loop, same maths as the trainer)."""
     import torch
 
-    from trainer.benchmarks.train_throughput import load_config, plain_loop
+    from trainer.benchmarks.train_throughput import plain_loop
     from trainer.loop import resolve_vocab
     from trainer.model import GPT
+    from trainer.train import load_config
 
     cfg = load_config([])
     manifest = load_manifest(directory)

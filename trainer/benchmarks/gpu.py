@@ -42,12 +42,12 @@ def measure(overrides: list[str], steps: int, warmup: int) -> dict:
     import tempfile
     from pathlib import Path
 
-    from trainer.benchmarks.train_throughput import load_config
     from trainer.distributed import init_distributed
     from trainer.guard import StepControl
     from trainer.loop import build_run, train_step
     from trainer.model import flops_per_token
     from trainer.signals import StopSignal
+    from trainer.train import load_config
 
     # One run dir for all ranks of this torchrun (nothing is saved in it: no resume, no checkpoints).
     run_dir = Path(tempfile.gettempdir()) / f"gpu-bench-{os.environ.get('MASTER_PORT', os.getpid())}"

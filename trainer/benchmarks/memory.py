@@ -83,8 +83,8 @@ def measure_run(engine: str, steps: int, work: Path) -> dict:
 
 
 def num_params() -> int:
-    from trainer.benchmarks.train_throughput import load_config
     from trainer.model import num_params as count
+    from trainer.train import load_config
 
     return count(load_config(RUN).model)
 

@@ -22,9 +22,8 @@ import statistics
 import time
 
 import torch
-from hydra import compose, initialize_config_dir
 
-from trainer.config import TrainConfig, register_configs
+from trainer.config import TrainConfig
 from trainer.data.batch import to_device
 from trainer.data.build import build_data
 from trainer.distributed import DistInfo, barrier, init_distributed
@@ -33,13 +32,7 @@ from trainer.guard import StepControl
 from trainer.loop import compile_model, resolve_vocab, train_step
 from trainer.model import GPT, num_params, optimizer_groups
 from trainer.signals import StopSignal
-from trainer.train import config_dir, to_typed
-
-
-def load_config(overrides: list[str]) -> TrainConfig:
-    register_configs()
-    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
-        return to_typed(compose(config_name="train", overrides=overrides))
+from trainer.train import load_config
 
 
 def plain_loop(
