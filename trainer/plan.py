@@ -52,14 +52,17 @@ def render(plan: Plan, cfg: TrainConfig) -> str:
     ]
     for item in plan.items:
         where = "" if d.is_cpu else f"{item.where:6s}  "
-        lines.append(f"  {item.name:26s}{_gib(item.nbytes)}  {where}{item.note}")
+        phase = f" [{item.phase} only]" if item.phase != "always" and d.is_cpu else ""
+        lines.append(f"  {item.name:26s}{_gib(item.nbytes)}  {where}{item.note}{phase}")
     total, verdict = plan.device_bytes(), "fits" if plan.fits() else "DOES NOT FIT"
     if d.is_cpu:
         used = total * plan.gpus_per_node
         lines.append(
             f"  {'total':26s}{_gib(total)}  x {plan.gpus_per_node} rank(s) = {used / GiB:.2f} GiB of the "
             f"node's {d.memory / GiB:.1f} GiB RAM: {verdict}\n"
-            "  (on CPU the device memory is host RAM, shared by the ranks of a node)"
+            f"  (the larger of the step, {plan.phase_bytes('step') / GiB:.2f} GiB, and the save, "
+            f"{plan.phase_bytes('save') / GiB:.2f} GiB; on CPU the device memory is host RAM, shared by "
+            "the ranks of a node)"
         )
     else:
         lines.append(
@@ -68,7 +71,8 @@ def render(plan: Plan, cfg: TrainConfig) -> str:
             + (", tight: allocator fragmentation is not counted" * (total > 0.9 * d.memory))
         )
         lines.append(
-            f"  {'host RAM':26s}{_gib(plan.host_bytes())}  per rank (the model as built, or offloaded state)"
+            f"  {'host RAM':26s}{_gib(plan.host_bytes())}  per rank (the model as built, or offloaded state "
+            "and an async save's snapshot)"
         )
     if plan.suggestions:
         lines.append("  fits with: " + " | ".join(" ".join(s) for s in plan.suggestions))

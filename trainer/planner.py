@@ -8,8 +8,9 @@ apply. A change to either flows into the plan. ``python -m trainer.plan`` prints
 
 Model states follow DeepSpeed's estimators (``estimate_zero2/3_model_states_mem_needs``) term by
 term; what they leave out (activations, logits, buckets, the process itself) is added beside them.
-Every term is counted as live at once: close on CPU, where freed heap memory mostly stays resident,
-and an upper bound on GPUs, where activations are freed as gradients appear.
+On a GPU every device term is counted as live at once (an upper bound: activations are freed as
+gradients appear) and an asynchronous save's snapshot is host memory. On CPU the peak is the larger
+of the step and the save, with what glibc's heap keeps between them (trainer/hostmem_plan.py).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ import torch
 from trainer.config import ConfigError, ModelConfig, TrainConfig
 from trainer.devices import DeviceSpec, GiB, cluster
 from trainer.engine import deepspeed_config
-from trainer.model import flops_per_token, num_params, padded_vocab_size
+from trainer.hostmem_plan import activations_in_heap, below_threshold, snapshot_bytes, zero3_heap_bytes
+from trainer.model import flops_per_token, num_params
 from trainer.perf import hardware_flops_per_token
+from trainer.plan_shapes import _shapes, activation_bytes, logits_bytes, param_tensors
 
 # DeepSpeed's CPU all-reduce keeps a shared-memory workspace per rank of 2 x 1 MiB + 2 x 32 MiB
 # (NAIVE_ALLREDUCE_THRESHOLD, MAX_BUF_SIZE in deepspeed/ops/csrc/cpu/comm/shm.cpp), touched at init.
@@ -41,7 +44,8 @@ class Item:
     nbytes: float
     where: str = "device"  # device | host
     note: str = ""
-    kind: str = "state"  # state (what DeepSpeed's estimators count) | buffer | activation | process
+    kind: str = "state"  # state (what DeepSpeed's estimators count) | buffer | activation | process | heap
+    phase: str = "always"  # always | step (forward, backward, optimizer) | save (an async save's snapshot)
 
 
 @dataclass
@@ -66,12 +70,18 @@ class Plan:
     precision: str
     suggestions: list[list[str]] = field(default_factory=list)
 
+    def phase_bytes(self, phase: str) -> float:
+        """Device memory (CPU: RSS) during the ``step`` or the ``save``."""
+        on = [i for i in self.items if (i.where == "device" or self.device.is_cpu) and i.kind != "build"]
+        return sum(i.nbytes for i in on if i.phase in ("always", phase))
+
     def device_bytes(self) -> float:
-        return sum(i.nbytes for i in self.items if i.where == "device" or self.device.is_cpu)
+        """The peak: the larger of the step and the save (on a GPU every device item is "always")."""
+        return max(self.phase_bytes("step"), self.phase_bytes("save"))
 
     def host_bytes(self) -> float:
         """Host memory per rank: the model as built (before it moves to the device), or the
-        offloaded state created after it, whichever is larger."""
+        offloaded state created after it with an async save's snapshot, whichever is larger."""
         build = sum(i.nbytes for i in self.items if i.kind == "build")
         return max(build, sum(i.nbytes for i in self.items if i.where == "host" and i.kind != "build"))
 
@@ -127,43 +137,6 @@ def _zero(ds: dict[str, Any]):
     return DeepSpeedZeroConfig(**ds.get("zero_optimization", {}))
 
 
-def param_tensors(cfg: ModelConfig) -> list[tuple[str, int]]:
-    """(module, elements) of every parameter tensor of GPT(cfg), from the config alone (a tied table
-    appears under both of its modules; tests/unit/test_plan.py checks this against the model)."""
-    d, f, v, b = cfg.d_model, cfg.ffn_dim, padded_vocab_size(cfg), cfg.bias
-    qkv = d + 2 * cfg.kv_heads * cfg.head_dim
-    norm = [("norm", d)] + ([("norm", d)] if cfg.norm == "layernorm" and b else [])
-    mlp = (
-        [("w1", d * f), ("w3", d * f), ("w2", f * d)]
-        if cfg.mlp == "swiglu"
-        else [("up", d * f), ("down", f * d)]
-    )
-    if b:
-        mlp += [("w1", f), ("w3", f), ("w2", d)] if cfg.mlp == "swiglu" else [("up", f), ("down", d)]
-    block = [*norm, ("qkv", d * qkv), ("out_proj", d * d), *norm, *mlp]
-    block += [("qkv", qkv), ("out_proj", d)] if b else []
-    out = [("tok_emb", v * d), ("lm_head", v * d)] + [
-        (f"{m}{i}", n) for i in range(cfg.n_layer) for m, n in block
-    ]
-    out += norm + ([("pos_emb", cfg.max_seq_len * d)] if cfg.pos_emb == "learned" else [])
-    return out
-
-
-def _shapes(cfg: ModelConfig, persist_below: int) -> tuple[int, int]:
-    """The largest module's own parameters (what DeepSpeed's estimator calls the largest layer; a
-    tied table counts in both modules) and the parameters ZeRO-3 keeps whole (tensors of fewer than
-    ``persist_below`` elements)."""
-    tensors = param_tensors(cfg)
-    per_module: dict[str, int] = {}
-    for module, n in tensors:
-        if not module.startswith("norm"):  # each norm is its own module, of d or 2d elements
-            per_module[module] = per_module.get(module, 0) + n
-    largest = max([*per_module.values(), 2 * cfg.d_model])
-    shared = 1 if cfg.tie_embeddings else 0  # the tied table: one tensor
-    persistent = sum(n for _, n in tensors[shared:] if n < persist_below)
-    return largest, persistent
-
-
 def model_state_items(cfg: TrainConfig, mcfg: ModelConfig, ds: dict[str, Any], world: int) -> list[Item]:
     """Weights, gradients and optimizer state per rank, by ZeRO stage and offload.
 
@@ -199,7 +172,8 @@ def model_state_items(cfg: TrainConfig, mcfg: ModelConfig, ds: dict[str, Any], w
         # ZeRO-3's reduce-scatter target, apart from the optimizer's fp32 gradients when those are
         # another dtype or on the host; DeepSpeed's estimator leaves it out
         items.append(Item("gradient partition", w * n / g, "device", f"{w} B/param", kind="buffer"))
-    if mixed or stage >= 1:
+    if (mixed or stage >= 1) and not (stage == 3 and not mixed and opt_at == "device"):
+        # fp32 ZeRO-3 keeps none: the master is the module's partition (engine._share_zero3_master_weights)
         items.append(Item("master weights", 4 * share, opt_at, "fp32"))
     if mixed or stage in (1, 2) or (stage == 3 and not mixed):
         items.append(Item("fp32 gradients", 4 * share, opt_at, "for the optimizer"))
@@ -276,40 +250,41 @@ def buffer_items(
     return items
 
 
-def activation_bytes(mcfg: ModelConfig, micro_batch: int, seq_len: int, precision: str, cpu: bool) -> float:
-    """Tensors the forward keeps for backward, per micro-batch, under ``mcfg.act_ckpt``.
-
-    Per block and token (D d_model, K k/v width, F ffn): the input (D), each norm's output (D; and
-    its pre-gain product on CPU fp32, where RMSNorm is written out), qkv (D + 2K), the rotated q,k
-    (D + K), attention's output (D; laid out [B, T, H, Q], so out_proj reads a view of it), the
-    residual (D), the MLP's matmul and activation outputs (SwiGLU 4F, GELU 2F). ``full`` keeps the
-    block inputs only, plus one block recomputed in backward; ``selective`` keeps the matmul and
-    attention outputs.
-    """
-    a = 4 if precision == "fp32" else 2
-    d, k, f, t = mcfg.d_model, mcfg.kv_heads * mcfg.head_dim, mcfg.ffn_dim, micro_batch * seq_len
-    norm = 2 if (cpu and precision == "fp32" and mcfg.norm == "rmsnorm") else 1
-    mlp = 4 * f if mcfg.mlp == "swiglu" else 2 * f
-    block = (d + 2 * norm * d + (d + 2 * k) + (d + k) + d + d + mlp) * t * a
-    lse = mcfg.n_head * t * 4  # attention's log-sum-exp, fp32
-    full = block + lse
-    saved_input = d * t * a
-    selective = (d + (d + 2 * k) + d + d + (2 * f if mcfg.mlp == "swiglu" else f) + d) * t * a + lse
-    layers = mcfg.n_layer
-    if mcfg.act_ckpt == "none":
-        return layers * full
-    if mcfg.act_ckpt == "full":
-        return layers * saved_input + full
-    if mcfg.act_ckpt == "selective":
-        return layers * selective + full
-    ckpt = -(-layers // mcfg.act_ckpt_every)  # every_n: blocks 0, n, 2n, ...
-    return ckpt * saved_input + (layers - ckpt) * full + full
-
-
-def logits_bytes(mcfg: ModelConfig, micro_batch: int, seq_len: int, precision: str) -> float:
-    """Logits, their log-softmax (kept for backward) and the two gradients of that size in backward."""
-    a = 4 if precision == "fp32" else 2
-    return 4 * micro_batch * seq_len * padded_vocab_size(mcfg) * a
+def host_items(
+    cfg: TrainConfig, mcfg: ModelConfig, ds: dict[str, Any], world: int, items: list[Item], cpu: bool
+) -> list[Item]:
+    """``items`` in their phases, with what glibc's heap keeps (CPU) and an asynchronous save's
+    snapshot (a host copy of the worst rank's checkpoint share: pinned host memory on a GPU)."""
+    zero, w = _zero(ds), 2 if cfg.engine.precision != "fp32" else 4
+    shared = 1 if mcfg.tie_embeddings else 0  # the tied table: one tensor
+    numels = [k for _, k in param_tensors(mcfg)[shared:]]
+    out, heap = [], 0.0  # heap: bytes the heap keeps resident after the step
+    hidden = w * mcfg.d_model * cfg.micro_batch_size * cfg.data.seq_len  # one activation tensor
+    for i in items if cpu else []:  # buffers and activations are freed after the step, ...
+        step = i.kind == "activation" or (i.kind == "buffer" and i.name != "gradient partition")
+        step = step or i.name == "gathered layer"  # ZeRO-3's gathered tensors are freed after use
+        phase = "step" if step else i.phase
+        if i.name == "gradients" and zero.stage <= 1:  # set to None after the step; small ones stay
+            phase, kept = "step", below_threshold([w * k for k in numels])
+            heap += kept
+            out.append(Item("freed gradients", kept, "device", "in the heap, below 4 MiB", "heap", "save"))
+        if i.name == "activations" and activations_in_heap(hidden):  # ... but the heap keeps small ones
+            phase, heap = "always", heap + i.nbytes
+        out.append(dataclasses.replace(i, phase=phase))
+    if cpu and zero.stage == 3:
+        moved = [k for k in numels if k >= zero.param_persistence_threshold]
+        kept = zero3_heap_bytes(moved, w, world)
+        heap += kept
+        out.append(Item("ZeRO-3 heap", kept, "device", "gathered layers, grad partitions < 4 MiB", "heap"))
+    out = out if cpu else list(items)
+    c = cfg.checkpoint
+    if c.async_save and (c.save_final or c.every_steps or c.every_minutes):
+        total, small = snapshot_bytes(zero.stage, numels, w, world, w != 4)
+        reused = min(small, heap) if cpu else 0.0
+        note = f"async save, rank 0; {reused / GiB:.2f} GiB of it in kept heap" if cpu else "pinned"
+        where = "device" if cpu else "host"
+        out.append(Item("checkpoint snapshot", total - reused, where, note, "buffer", "save"))
+    return out
 
 
 def rss_now() -> int:
@@ -394,6 +369,7 @@ def make_plan(
     items.append(
         Item("logits", logits_bytes(mcfg, micro, seq, prec), "device", "4 x tokens x vocab", "activation")
     )
+    items = host_items(cfg, mcfg, ds, world, items, device.is_cpu)
     if not device.is_cpu:
         items.append(build_item(cfg, mcfg, ds))
     items = [i for i in items if i.nbytes > 0]
