@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from trainer.hostmem import MMAP_THRESHOLD
 
-# ZeRO-3's full-size tensors per gathered parameter and step: DeepSpeed's all-gather output (the
-# weight, for forward and again for backward) and autograd's gradient of it, freed after use
+# ZeRO-3's full-size tensors per partitioned parameter and step: DeepSpeed's all-gather output (the
+# whole weight, released after its module runs) and autograd's gradient of it (freed once reduced)
 ZERO3_GATHERED_COPIES = 2
 
 
@@ -39,6 +39,8 @@ def zero3_heap_bytes(numels: list[int], w: int, world: int) -> float:
     Per step each is gathered whole (``w`` bytes an element) and its gradient reduce-scattered to
     a partition of 1/``world``: the full-size tensors below the threshold stay in the heap
     (``ZERO3_GATHERED_COPIES`` of each), and so does each reduced gradient partition below it.
+    They are transient, one block at a time, so they reuse the chunks the activations leave as
+    backward frees them: the heap keeps the larger of the two, not their sum (the planner).
     """
     full = below_threshold([w * n for n in numels])
     parts = below_threshold([w * n / world for n in numels])

@@ -258,7 +258,7 @@ def host_items(
     zero, w = _zero(ds), 2 if cfg.engine.precision != "fp32" else 4
     shared = 1 if mcfg.tie_embeddings else 0  # the tied table: one tensor
     numels = [k for _, k in param_tensors(mcfg)[shared:]]
-    out, heap = [], 0.0  # heap: bytes the heap keeps resident after the step
+    out, heap, acts = [], 0.0, 0.0  # heap: bytes the heap keeps resident after the step
     hidden = w * mcfg.d_model * cfg.micro_batch_size * cfg.data.seq_len  # one activation tensor
     for i in items if cpu else []:  # buffers and activations are freed after the step, ...
         step = i.kind == "activation" or (i.kind == "buffer" and i.name != "gradient partition")
@@ -269,13 +269,15 @@ def host_items(
             heap += kept
             out.append(Item("freed gradients", kept, "device", "in the heap, below 4 MiB", "heap", "save"))
         if i.name == "activations" and activations_in_heap(hidden):  # ... but the heap keeps small ones
-            phase, heap = "always", heap + i.nbytes
+            phase, heap, acts = "always", heap + i.nbytes, i.nbytes
         out.append(dataclasses.replace(i, phase=phase))
     if cpu and zero.stage == 3:
         moved = [k for k in numels if k >= zero.param_persistence_threshold]
-        kept = zero3_heap_bytes(moved, w, world)
+        # per block, backward frees the activations as it gathers and reduces: one set of chunks
+        kept = max(0.0, zero3_heap_bytes(moved, w, world) - acts)
         heap += kept
-        out.append(Item("ZeRO-3 heap", kept, "device", "gathered layers, grad partitions < 4 MiB", "heap"))
+        note = "gathered layers, grad partitions < 4 MiB, beyond the activations'"
+        out.append(Item("ZeRO-3 heap", kept, "device", note, "heap"))
     out = out if cpu else list(items)
     c = cfg.checkpoint
     if c.async_save and (c.save_final or c.every_steps or c.every_minutes):
