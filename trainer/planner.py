@@ -354,6 +354,7 @@ def make_plan(
         world_size=world,
         total_steps=cfg.total_steps(),
         model=mcfg,
+        device_type="cpu" if device.is_cpu else "cuda",  # DeepSpeed's settings on that device
     )
     seq, micro, prec = cfg.data.seq_len, cfg.micro_batch_size, cfg.engine.precision
     items = base_items(device, world, baseline)

@@ -151,6 +151,15 @@ def test_adamw_kernel_selection(engine, device, expected):
     assert {k: params[k] for k in ("torch_adam", "fused") if k in params} == expected
 
 
+@pytest.mark.parametrize(
+    "stage, device, expected",
+    [(1, "cuda", False), (2, "cuda", True), (3, "cuda", True), (2, "cpu", False), (3, "cpu", False)],
+)
+def test_overlap_comm_only_where_there_are_streams(stage, device, expected):
+    zero = _ds(EngineConfig(zero_stage=stage), device_type=device)["zero_optimization"]
+    assert zero["overlap_comm"] is expected
+
+
 _BUILD_ADAMW = """
 import os, sys, torch
 os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
@@ -164,12 +173,29 @@ for stage in (0, 1):
     engine = build_engine(model, ds, OptimConfig(), 10)
     opt = getattr(engine.optimizer, "optimizer", engine.optimizer)  # ZeRO's wrapper holds torch's AdamW
     print("OPT", stage, type(opt).__name__, opt.defaults.get("fused"))
+    print("ALLREDUCE", stage, engine.enable_backward_allreduce)
+# One rank at ZeRO-0 skips the gradient all-reduce: the same weights as with it after 3 steps
+weights = []
+for allreduce in (True, False):
+    torch.manual_seed(0)
+    ds = deepspeed_config(EngineConfig(zero_stage=0), OptimConfig(), micro_batch_size=2,
+                          grad_accum_steps=1, world_size=1, total_steps=10, device_type="cpu")
+    model = GPT(ModelConfig(n_layer=1, d_model=32, n_head=2, vocab_size=64))
+    engine = build_engine(model, ds, OptimConfig(), 10)
+    engine.enable_backward_allreduce = allreduce
+    for _ in range(3):
+        _, loss = engine(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))
+        engine.backward(loss)
+        engine.step()
+    weights.append(torch.cat([p.detach().flatten() for p in engine.module.parameters()]))
+print("SAME", torch.equal(*weights))
 """
 
 
 def test_deepspeed_builds_torchs_fused_adamw_from_the_config():
     """The `fused` key reaches torch.optim.AdamW through DeepSpeed, at ZeRO-0 (DeepSpeed steps it
-    directly) and ZeRO-1 (its wrapper does). In a process of its own: DeepSpeed starts a process group."""
+    directly) and ZeRO-1 (its wrapper does); one rank at ZeRO-0 skips the all-reduce and trains
+    the same weights. In a process of its own: DeepSpeed starts a process group."""
     import socket
     import subprocess
     import sys
@@ -183,3 +209,5 @@ def test_deepspeed_builds_torchs_fused_adamw_from_the_config():
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
     assert "OPT 0 AdamW True" in lines and "OPT 1 AdamW True" in lines, proc.stdout
+    assert "ALLREDUCE 0 False" in lines and "ALLREDUCE 1 True" in lines, proc.stdout
+    assert any(line.startswith("SAME True") for line in lines), proc.stdout
