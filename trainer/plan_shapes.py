@@ -24,25 +24,33 @@ def param_tensors(cfg: ModelConfig) -> list[tuple[str, int]]:
     block = [*norm, ("qkv", d * qkv), ("out_proj", d * d), *norm, *mlp]
     block += [("qkv", qkv), ("out_proj", d)] if b else []
     out = [("tok_emb", v * d), ("lm_head", v * d)] + [
-        (f"{m}{i}", n) for i in range(cfg.n_layer) for m, n in block
+        (f"blocks.{i}.{m}", n) for i in range(cfg.n_layer) for m, n in block
     ]
     out += norm + ([("pos_emb", cfg.max_seq_len * d)] if cfg.pos_emb == "learned" else [])
     return out
 
 
 def _shapes(cfg: ModelConfig, persist_below: int) -> tuple[int, int]:
-    """The largest module's own parameters (what DeepSpeed's estimator calls the largest layer; a
-    tied table counts in both modules) and the parameters ZeRO-3 keeps whole (tensors of fewer than
-    ``persist_below`` elements)."""
+    """The parameters of the largest unit ZeRO-3 gathers at once (what DeepSpeed's estimator calls
+    the largest layer): a whole Transformer block, which trainer.engine makes a ZeRO-3 leaf module,
+    or the embedding table (a tied one counts once per module); and the parameters ZeRO-3 keeps
+    whole (tensors of fewer than ``persist_below`` elements)."""
     tensors = param_tensors(cfg)
-    per_module: dict[str, int] = {}
-    for module, n in tensors:
-        if not module.startswith("norm"):  # each norm is its own module, of d or 2d elements
-            per_module[module] = per_module.get(module, 0) + n
-    largest = max([*per_module.values(), 2 * cfg.d_model])
+    block = sum(n for module, n in tensors if module.startswith("blocks.0."))
+    largest = max([n for module, n in tensors if not module.startswith("blocks.")] + [block])
     shared = 1 if cfg.tie_embeddings else 0  # the tied table: one tensor
     persistent = sum(n for _, n in tensors[shared:] if n < persist_below)
     return largest, persistent
+
+
+def largest_module(cfg: ModelConfig) -> int:
+    """The largest module's own parameters (a tied table counts in both modules): what
+    ``deepspeed.zero.Init`` holds whole while it builds, before partitioning it."""
+    per_module: dict[str, int] = {}
+    for module, n in param_tensors(cfg):
+        if not module.endswith("norm"):  # each norm is its own module, of d or 2d elements
+            per_module[module] = per_module.get(module, 0) + n
+    return max([*per_module.values(), 2 * cfg.d_model])
 
 
 def activation_bytes(mcfg: ModelConfig, micro_batch: int, seq_len: int, precision: str, cpu: bool) -> float:

@@ -29,7 +29,7 @@ from trainer.engine import deepspeed_config
 from trainer.hostmem_plan import activations_in_heap, below_threshold, snapshot_bytes, zero3_heap_bytes
 from trainer.model import flops_per_token, num_params
 from trainer.perf import hardware_flops_per_token
-from trainer.plan_shapes import _shapes, activation_bytes, logits_bytes, param_tensors
+from trainer.plan_shapes import _shapes, activation_bytes, largest_module, logits_bytes, param_tensors
 
 # DeepSpeed's CPU all-reduce keeps a shared-memory workspace per rank of 2 x 1 MiB + 2 x 32 MiB
 # (NAIVE_ALLREDUCE_THRESHOLD, MAX_BUF_SIZE in deepspeed/ops/csrc/cpu/comm/shm.cpp), touched at init.
@@ -186,8 +186,7 @@ def build_item(cfg: TrainConfig, mcfg: ModelConfig, ds: dict[str, Any]) -> Item:
     ZeRO-3 ``deepspeed.zero.Init`` partitions each layer as it is built (one layer at a time)."""
     if _zero(ds).stage < 3:
         return Item("model build", 4 * num_params(mcfg), "host", "fp32, whole model", "build")
-    largest, _ = _shapes(mcfg, 0)
-    return Item("model build", 4 * largest, "host", "fp32, one layer (zero.Init)", "build")
+    return Item("model build", 4 * largest_module(mcfg), "host", "fp32, one layer (zero.Init)", "build")
 
 
 def buffer_items(

@@ -160,6 +160,19 @@ def test_overlap_comm_only_where_there_are_streams(stage, device, expected):
     assert zero["overlap_comm"] is expected
 
 
+def test_zero3_gathers_a_block_at_a_time():
+    from trainer.model import GPT, Block, ModelConfig
+
+    assert "leaf_module" not in _ds(EngineConfig(zero_stage=2))["zero_optimization"]
+    (unit,) = _ds(EngineConfig(zero_stage=3))["zero_optimization"]["leaf_module"]["classes"]
+    from deepspeed.utils import set_z3_leaf_modules
+
+    # the name DeepSpeed will look for matches the model's blocks, and nothing else
+    model = GPT(ModelConfig(n_layer=3, d_model=32, n_head=2, vocab_size=64))
+    leaves = set_z3_leaf_modules(model, [unit])
+    assert len(leaves) == 3 and all(isinstance(m, Block) for m in leaves)
+
+
 _BUILD_ADAMW = """
 import os, sys, torch
 os.environ.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])

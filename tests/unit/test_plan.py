@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from trainer.config import ConfigError, DataConfig, EngineConfig, ModelConfig, TrainConfig, register_configs
 from trainer.devices import KNOWN_DEVICES, device_spec
 from trainer.model import GPT, num_params
+from trainer.plan_shapes import largest_module
 from trainer.planner import _shapes, activation_bytes, compare_peak, make_plan, param_tensors
 from trainer.train import config_dir
 
@@ -62,11 +63,13 @@ def test_zero2_model_states_match_deepspeed_estimator(gpus, nodes, offload):
 def test_zero3_model_states_match_deepspeed_estimator(gpus, nodes, offload, params):
     from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs, model_to_params
 
-    n, largest = model_to_params(GPT(ModelConfig(**SMALL)))  # what estimate_zero3_..._all_live counts
+    n, built = model_to_params(GPT(ModelConfig(**SMALL)))  # built whole at once: the largest module
+    gathered = _shapes(ModelConfig(**SMALL), 0)[0]  # gathered at once: a block (a ZeRO-3 leaf module)
     plan = make_plan(config(3, offload=offload, params=params), KNOWN_DEVICES["a100-80gb"], gpus, nodes)
-    cpu, gpu, _ = estimate_zero3_model_states_mem_needs(
-        n, largest, gpus, nodes, cpu_offload=offload, cpu_offload_params=params, additional_buffer_factor=1
-    )
+    # DeepSpeed's formula takes one "largest layer" for both; ours differ: each where it applies
+    kw = dict(cpu_offload=offload, cpu_offload_params=params, additional_buffer_factor=1)
+    _, gpu, _ = estimate_zero3_model_states_mem_needs(n, gathered, gpus, nodes, **kw)
+    cpu, _, _ = estimate_zero3_model_states_mem_needs(n, built, gpus, nodes, **kw)
     assert states(plan) == pytest.approx(gpu, abs=1)
     assert host_states(plan) * gpus == pytest.approx(cpu, abs=gpus)
 
@@ -232,7 +235,10 @@ def test_parameter_tensors_from_the_config_match_the_model(extra):
     assert sorted(n for _, n in param_tensors(cfg)[cfg.tie_embeddings :]) == sorted(
         p.numel() for p in model.parameters()
     )
-    assert _shapes(cfg, 0)[0] == model_to_params(model)[1]  # DeepSpeed's "largest layer"
+    # the largest unit ZeRO-3 gathers: a block (a leaf module, see trainer.engine), or a table
+    tables = [model_to_params(m)[1] for m in (model.tok_emb, model.lm_head, model.pos_emb) if m is not None]
+    assert _shapes(cfg, 0)[0] == max(*tables, sum(p.numel() for p in model.blocks[0].parameters()))
+    assert largest_module(cfg) == model_to_params(model)[1]  # DeepSpeed's "largest layer"
     assert _shapes(cfg, 100)[1] == sum(p.numel() for p in model.parameters() if p.numel() < 100)
 
 
