@@ -14,7 +14,8 @@ GPT-2 init), its optimizer groups (decay on every matrix, embeddings included) a
 (random windows of the train tokens, loss.item() every iteration as with log_interval=1). The
 trainer runs as a user runs it (``python -m trainer.train``, engine=zero0, one rank), with the
 same shape and schedule, on the same character dataset (the project's generated corpus, char
-tokenizer, prepared once into ``--data``). Both use torch's default threads.
+tokenizer, prepared once into ``--data``). Both use torch's default threads; neither saves
+checkpoints while it trains (the reference has none to save).
 
 Printed: each side's training tokens/s (the reference's after 10 iterations, ours from its train
 events after the first log window, so compilation and warm-up count in neither; the wall time
@@ -199,7 +200,8 @@ def train_ours(data_dir: Path, iters: int, compile_model: bool, run_dir: Path) -
         f"optim.warmup_steps={WARMUP}", f"optim.min_lr_ratio={MIN_LR / LR}", f"optim.grad_clip={CLIP}",
         "engine=zero0", f"global_batch_size={BATCH}", f"micro_batch_size={BATCH}", f"max_steps={iters}",
         f"log_every={log_every}", f"eval_every={iters}", f"eval_batches={EVAL_BATCHES}",
-        "checkpoint.save_final=false", "checkpoint.resume=none", f"run_dir={run_dir}", "name=nanogpt-recipe",
+        "checkpoint.save_final=false", "checkpoint.every_steps=0", "checkpoint.resume=none",
+        f"run_dir={run_dir}", "name=nanogpt-recipe",
     ]  # fmt: skip
     env = dict(os.environ)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
