@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 
+from trainer import hostmem
 from trainer.config import EngineConfig, ModelConfig, OptimConfig
 from trainer.model import GPT, optimizer_groups
 
@@ -206,6 +207,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optim: Optim
         config=ds_config,
     )
     _share_zero3_master_weights(engine.optimizer)
+    _release_zero3_grads_between_steps(engine.optimizer)
     return engine
 
 
@@ -316,6 +318,35 @@ def _share_zero3_master_weights(optimizer) -> None:
             and master.data_ptr() != part.data_ptr()
         ):
             master.data = part
+
+
+def _release_zero3_grads_between_steps(optimizer) -> None:
+    """Give the pages of ZeRO-3's gradient partition back to the OS after each optimizer step.
+
+    The flat fp32 gradient partition (4 B x params / world) is dead from the end of a step until
+    the next backward writes it: its first micro-step copies each reduced gradient in (DeepSpeed
+    accumulates into it only on later micro-steps of the same step). Held resident, it sits
+    under the next forward and the start of its backward, the step's high-water mark (gathered
+    tied embedding, its full gradient, activations). Released, its pages come back zero-filled
+    as the backward writes them, layer by layer, the embedding's last. Costs one page fault per
+    4 KiB of partition per step (gpt2-medium on 2 ranks: 0.17 M faults, ~0.2 s of a ~5 s step).
+    """
+    buffer = getattr(optimizer, "grad_partitions_flat_buffer", None)
+    if (
+        not torch.is_tensor(buffer)
+        or buffer.device.type != "cpu"
+        or getattr(optimizer, "offload_optimizer", False)
+    ):
+        return
+    step = optimizer.step
+
+    @functools.wraps(step)
+    def step_then_release(*args, **kwargs):
+        out = step(*args, **kwargs)
+        hostmem.release_pages(buffer)
+        return out
+
+    optimizer.step = step_then_release
 
 
 def current_lr(engine) -> float:

@@ -24,7 +24,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+import mmap
 import platform
+
+import torch
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
 MMAP_THRESHOLD = 4 * 1024 * 1024  # fixed: see above
@@ -45,6 +48,30 @@ def release_large_frees(threshold: int = MMAP_THRESHOLD) -> bool:
     once), whatever was freed before. Returns whether the allocator took the setting."""
     libc = _glibc()
     return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, threshold))
+
+
+MADV_DONTNEED = 4  # madvise advice (Linux, all architectures): drop the pages; they read back as zeros
+PAGE = mmap.PAGESIZE
+
+
+def release_pages(t: torch.Tensor) -> int:
+    """Give the whole pages inside ``t``'s memory back to the OS; returns the bytes released.
+
+    For a buffer whose contents are dead until it is next written in full: its pages then read
+    as zeros and come back (zero-filled, one page fault each) as they are written. Only pages
+    that lie entirely inside ``t`` are released, so a neighbouring allocation is never touched.
+    A no-op for anything but a contiguous CPU tensor on Linux.
+    """
+    libc = _glibc()
+    if libc is None or t.device.type != "cpu" or not t.is_contiguous():
+        return 0
+    start = t.data_ptr()
+    first, end = -(-start // PAGE) * PAGE, (start + t.numel() * t.element_size()) // PAGE * PAGE
+    if end <= first:
+        return 0
+    if libc.madvise(ctypes.c_void_p(first), ctypes.c_size_t(end - first), MADV_DONTNEED) != 0:
+        return 0
+    return end - first
 
 
 def trim() -> None:
