@@ -22,9 +22,10 @@ instead of 700), and as fast as glibc's default at 4 MiB. At D 1024 (gpt2-medium
 against 263k, 1.71 against 1.65 CPU-s), ~0.2 s of a 14-16 s 2-rank ZeRO-3 step here, and it
 keeps the 0.2 GiB of activations that the backward frees from staying resident in the heap
 under the step's high-water mark (the tied embedding's gradients at the end of the backward):
-the worst rank's peak 3.72 GiB instead of 3.99 (trainer.benchmarks.memory's run). So: glibc's
-initial 128 KiB from D 1024 on, 4 MiB below, which still gives the tensors that fragment the
-heap (weights, gradients, flat partitions, logits: MiBs each) their own mappings.
+the worst rank's peak 3.53 GiB instead of 3.82 (trainer.benchmarks.memory, together with the
+loop dropping the logits, 25 MB of it). So: glibc's initial 128 KiB from D 1024 on, 4 MiB below,
+which still gives the tensors that fragment the heap (weights, gradients, flat partitions,
+logits: MiBs each) their own mappings.
 
 Both calls are no-ops off glibc (macOS, musl): there the allocator is left as it is.
 """
