@@ -84,7 +84,8 @@ class Run:
 
 def build_run(cfg: TrainConfig, dist: DistInfo) -> Run:
     """Data, model, engine, then the newest checkpoint (if resuming): ready to step."""
-    hostmem.release_large_frees()  # freed build-time copies go back to the OS (see trainer.hostmem)
+    # freed build-time copies and activations go back to the OS (threshold by width: see trainer.hostmem)
+    hostmem.release_large_frees(hostmem.mmap_threshold(cfg.model.d_model))
     # micro_batch_size=auto becomes a number where the world size is known: what follows reads it.
     cfg = dataclasses.replace(cfg, micro_batch_size=cfg.micro_batch(dist.world_size))
     step_dir = checkpoint.resume_dir(cfg.checkpoint, Path(cfg.run_dir), dist)
@@ -359,7 +360,7 @@ def train_step(
     pieces = list(_micro_batches(batch, micro, device))
     losses = []
     for i, (x, y) in enumerate(pieces):
-        _, loss = engine(x, y)
+        loss = engine(x, y)[1]  # logits [B, T, V] dropped now, not held through backward and step
         losses.append(loss.detach())
         if i == len(pieces) - 1 and drop is not None and drop(torch.stack(losses).mean()):
             # DeepSpeed drops a step whose gradients are not finite (its overflow path: grads
