@@ -136,11 +136,12 @@ def main() -> None:
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny engine=zero2")
     args = p.parse_args()
     os.environ.setdefault("WORLD_SIZE", "1")
-    hostmem.release_large_frees()  # the trainer's allocator setting (trainer.loop.build_run), for both
     if args.threads:
         torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
     cfg = load_config(args.overrides)
+    # the trainer's allocator setting (trainer.loop.build_run), for both loops
+    hostmem.release_large_frees(hostmem.mmap_threshold(cfg.model.d_model))
     dist = init_distributed()
     data = build_data(cfg.data, cfg.global_batch_size, dist.rank, dist.world_size, dist.local_rank, barrier)
     model_cfg = resolve_vocab(cfg.model, data.vocab_size)
