@@ -227,6 +227,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optim: Optim
         config=ds_config,
     )
     _share_zero3_master_weights(engine.optimizer)
+    _share_zero12_master_weights(engine.optimizer)
     _release_zero3_grads_between_steps(engine.optimizer)
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # ZeRO-0 all-reduces every gradient after backward (flatten, all_reduce, copy back)
@@ -343,6 +344,31 @@ def _share_zero3_master_weights(optimizer) -> None:
             and master.data_ptr() != part.data_ptr()
         ):
             master.data = part
+
+
+def _share_zero12_master_weights(optimizer) -> None:
+    """ZeRO-1/2 in fp32: the optimizer's fp32 partition is this rank's slice of the module's own
+    flat weights, not a clone of it.
+
+    DeepSpeed clones the slice as its master copy whatever the dtype, then copies the updated
+    master back into the module after every step. In fp32 the two hold the same values at all
+    times, so the clone is 4 B x params / world of memory and a copy per step for nothing; shared,
+    the optimizer updates the module's weights in place and the copy back is a self-copy. The
+    same values, step for step (tests/unit/test_engine_config.py), and checkpoints as before.
+    """
+    masters = getattr(optimizer, "single_partition_of_fp32_groups", None)
+    partitions = getattr(optimizer, "parallel_partitioned_bit16_groups", None)
+    if not masters or not partitions or getattr(optimizer, "cpu_offload", False):
+        return  # offloaded masters live on the host, apart from the module by design
+    for i, master in enumerate(masters):
+        part = partitions[i][torch.distributed.get_rank(group=optimizer.real_dp_process_group[i])]
+        if (
+            master.dtype == part.dtype
+            and master.device == part.device
+            and master.numel() == part.numel()
+            and master.data_ptr() != part.data_ptr()
+        ):
+            master.data = part.data
 
 
 def _release_zero3_grads_between_steps(optimizer) -> None:

@@ -172,8 +172,8 @@ def model_state_items(cfg: TrainConfig, mcfg: ModelConfig, ds: dict[str, Any], w
         # ZeRO-3's reduce-scatter target, apart from the optimizer's fp32 gradients when those are
         # another dtype or on the host; DeepSpeed's estimator leaves it out
         items.append(Item("gradient partition", w * n / g, "device", f"{w} B/param", kind="buffer"))
-    if (mixed or stage >= 1) and not (stage == 3 and not mixed and opt_at == "device"):
-        # fp32 ZeRO-3 keeps none: the master is the module's partition (engine._share_zero3_master_weights)
+    if mixed or opt_at == "host":
+        # fp32 ZeRO 1-3 keep none: the master is the module's partition (engine._share_zero*_master_weights)
         items.append(Item("master weights", 4 * share, opt_at, "fp32"))
     if mixed or stage in (1, 2) or (stage == 3 and not mixed):
         items.append(Item("fp32 gradients", 4 * share, opt_at, "for the optimizer"))

@@ -202,6 +202,27 @@ for allreduce in (True, False):
         engine.step()
     weights.append(torch.cat([p.detach().flatten() for p in engine.module.parameters()]))
 print("SAME", torch.equal(*weights))
+# ZeRO-1/2 in fp32: the optimizer's master is the module's own flat weights; the same training
+import trainer.engine as E
+for stage in (1, 2):
+    weights = []
+    for share in (E._share_zero12_master_weights, lambda optimizer: None):
+        E_share, E._share_zero12_master_weights = E._share_zero12_master_weights, share
+        torch.manual_seed(0)
+        ds = deepspeed_config(EngineConfig(zero_stage=stage), OptimConfig(), micro_batch_size=2,
+                              grad_accum_steps=2, world_size=1, total_steps=10, device_type="cpu")
+        engine = build_engine(GPT(ModelConfig(n_layer=1, d_model=32, n_head=2, vocab_size=64)), ds,
+                              OptimConfig(), 10)
+        E._share_zero12_master_weights = E_share
+        opt = engine.optimizer
+        master, part = opt.single_partition_of_fp32_groups[0], opt.parallel_partitioned_bit16_groups[0][0]
+        shared = master.data_ptr() == part.data_ptr()
+        for _ in range(6):
+            _, loss = engine(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))
+            engine.backward(loss)
+            engine.step()
+        weights.append((shared, torch.cat([p.detach().flatten() for p in engine.module.parameters()])))
+    print("MASTER", stage, weights[0][0], weights[1][0], torch.equal(weights[0][1], weights[1][1]))
 """
 
 
@@ -224,3 +245,4 @@ def test_deepspeed_builds_torchs_fused_adamw_from_the_config():
     assert "OPT 0 AdamW True" in lines and "OPT 1 AdamW True" in lines, proc.stdout
     assert "ALLREDUCE 0 False" in lines and "ALLREDUCE 1 True" in lines, proc.stdout
     assert any(line.startswith("SAME True") for line in lines), proc.stdout
+    assert "MASTER 1 True False True" in lines and "MASTER 2 True False True" in lines, proc.stdout
