@@ -360,6 +360,7 @@ def _share_zero12_master_weights(optimizer) -> None:
     partitions = getattr(optimizer, "parallel_partitioned_bit16_groups", None)
     if not masters or not partitions or getattr(optimizer, "cpu_offload", False):
         return  # offloaded masters live on the host, apart from the module by design
+    shared = False
     for i, master in enumerate(masters):
         part = partitions[i][torch.distributed.get_rank(group=optimizer.real_dp_process_group[i])]
         if (
@@ -369,6 +370,9 @@ def _share_zero12_master_weights(optimizer) -> None:
             and master.data_ptr() != part.data_ptr()
         ):
             master.data = part.data
+            shared = True
+    if shared:  # each parameter's view into the master (universal checkpoints load through them)
+        optimizer._link_all_hp_params()
 
 
 def _release_zero3_grads_between_steps(optimizer) -> None:
