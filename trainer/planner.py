@@ -26,6 +26,7 @@ import torch
 from trainer.config import ConfigError, ModelConfig, TrainConfig
 from trainer.devices import DeviceSpec, GiB, cluster
 from trainer.engine import deepspeed_config
+from trainer.hostmem import mmap_threshold
 from trainer.hostmem_plan import activations_in_heap, below_threshold, snapshot_bytes, zero3_heap_bytes
 from trainer.model import flops_per_token, num_params
 from trainer.perf import hardware_flops_per_token
@@ -258,29 +259,31 @@ def host_items(
     shared = 1 if mcfg.tie_embeddings else 0  # the tied table: one tensor
     numels = [k for _, k in param_tensors(mcfg)[shared:]]
     out, heap, acts = [], 0.0, 0.0  # heap: bytes the heap keeps resident after the step
+    thr = mmap_threshold(mcfg.d_model)  # as the trainer sets it (trainer.hostmem)
+    below = f"below {thr / 2**20:g} MiB"
     hidden = w * mcfg.d_model * cfg.micro_batch_size * cfg.data.seq_len  # one activation tensor
     for i in items if cpu else []:  # buffers and activations are freed after the step, ...
         step = i.kind == "activation" or (i.kind == "buffer" and i.name != "gradient partition")
         step = step or i.name == "gathered layer"  # ZeRO-3's gathered tensors are freed after use
         phase = "step" if step else i.phase
         if i.name == "gradients" and zero.stage <= 1:  # set to None after the step; small ones stay
-            phase, kept = "step", below_threshold([w * k for k in numels])
+            phase, kept = "step", below_threshold([w * k for k in numels], thr)
             heap += kept
-            out.append(Item("freed gradients", kept, "device", "in the heap, below 4 MiB", "heap", "save"))
-        if i.name == "activations" and activations_in_heap(hidden):  # ... but the heap keeps small ones
+            out.append(Item("freed gradients", kept, "device", f"in the heap, {below}", "heap", "save"))
+        if i.name == "activations" and activations_in_heap(hidden, thr):  # ... but the heap keeps small ones
             phase, heap, acts = "always", heap + i.nbytes, i.nbytes
         out.append(dataclasses.replace(i, phase=phase))
     if cpu and zero.stage == 3:
         moved = [k for k in numels if k >= zero.param_persistence_threshold]
         # per block, backward frees the activations as it gathers and reduces: one set of chunks
-        kept = max(0.0, zero3_heap_bytes(moved, w, world) - acts)
+        kept = max(0.0, zero3_heap_bytes(moved, w, world, thr) - acts)
         heap += kept
-        note = "gathered layers, grad partitions < 4 MiB, beyond the activations'"
+        note = f"gathered layers, grad partitions {below}, beyond the activations'"
         out.append(Item("ZeRO-3 heap", kept, "device", note, "heap"))
     out = out if cpu else list(items)
     c = cfg.checkpoint
     if c.async_save and (c.save_final or c.every_steps or c.every_minutes):
-        total, small = snapshot_bytes(zero.stage, numels, w, world, w != 4)
+        total, small = snapshot_bytes(zero.stage, numels, w, world, w != 4, thr)
         reused = min(small, heap) if cpu else 0.0
         note = f"async save, rank 0; {reused / GiB:.2f} GiB of it in kept heap" if cpu else "pinned"
         where = "device" if cpu else "host"
