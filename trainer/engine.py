@@ -99,8 +99,7 @@ def _zero_section(engine: EngineConfig, model: ModelConfig | None, device_type: 
         zero |= {"overlap_comm": overlap, "contiguous_gradients": True}
     if engine.zero_stage == 3:
         zero["leaf_module"] = {"classes": [ZERO3_UNIT]}
-    if engine.zero_stage == 3 and model is not None:
-        zero |= zero3_buffers(model)
+        zero |= zero3_buffers(model) if model is not None else {}
     if engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if engine.offload_params:
@@ -336,14 +335,8 @@ def _share_zero3_master_weights(optimizer) -> None:
     if not masters or not partitions or getattr(optimizer, "offload_optimizer", False):
         return  # offloaded masters live where DeepSpeed's offload path wants them
     for master, part in zip(masters, partitions):
-        if (
-            part is not None
-            and master.dtype == part.dtype
-            and master.device == part.device
-            and master.numel() == part.numel()
-            and master.data_ptr() != part.data_ptr()
-        ):
-            master.data = part
+        if part is not None:
+            _share_storage(master, part)
 
 
 def _share_zero12_master_weights(optimizer) -> None:
@@ -363,16 +356,23 @@ def _share_zero12_master_weights(optimizer) -> None:
     shared = False
     for i, master in enumerate(masters):
         part = partitions[i][torch.distributed.get_rank(group=optimizer.real_dp_process_group[i])]
-        if (
-            master.dtype == part.dtype
-            and master.device == part.device
-            and master.numel() == part.numel()
-            and master.data_ptr() != part.data_ptr()
-        ):
-            master.data = part.data
-            shared = True
+        shared |= _share_storage(master, part)
     if shared:  # each parameter's view into the master (universal checkpoints load through them)
         optimizer._link_all_hp_params()
+
+
+def _share_storage(master: torch.Tensor, part: torch.Tensor) -> bool:
+    """Make ``master`` use ``part``'s memory where both hold the same dtype, device and size
+    (then they always hold the same values); returns whether it did."""
+    if (
+        master.dtype == part.dtype
+        and master.device == part.device
+        and master.numel() == part.numel()
+        and master.data_ptr() != part.data_ptr()
+    ):
+        master.data = part.data
+        return True
+    return False
 
 
 def _release_zero3_grads_between_steps(optimizer) -> None:
