@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -41,6 +42,21 @@ def same_files(a: Path, b: Path) -> tuple[list[str], int]:
     return differ, n
 
 
+class SlowDisk:
+    """DeepSpeed's checkpoint engine behind a disk that takes ``delay_s`` more for each file: a
+    write still running when the next save is due, however fast this machine's disk is."""
+
+    def __init__(self, inner, delay_s: float) -> None:
+        self.inner, self.delay_s = inner, delay_s
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def save(self, state_dict, path: str) -> None:
+        time.sleep(self.delay_s)
+        self.inner.save(state_dict, path)
+
+
 def main() -> None:
     out_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
     cfg = load_config(overrides)
@@ -66,9 +82,14 @@ def main() -> None:
     saver.finish()
     differ, compared = same_files(sync_dir / "checkpoints" / "step-1", root / "step-1")
 
+    fast, run.engine.checkpoint_engine = (
+        run.engine.checkpoint_engine,
+        SlowDisk(run.engine.checkpoint_engine, 0.5),
+    )
     second = saver.save(run.engine, 2, state)
     third = saver.save(run.engine, 3, state)  # right away: step 2's write is still going
     saver.finish()
+    run.engine.checkpoint_engine = fast
     result = {
         "in_flight": in_flight,
         "changed": changed,

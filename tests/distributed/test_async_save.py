@@ -29,7 +29,7 @@ def test_async_save_holds_the_moment_it_was_taken_and_waits_for_the_previous_wri
         r = json.loads((tmp_path / f"rank{rank}.json").read_text())
         assert r["in_flight"] and r["changed"]  # written while the loop changed the state...
         assert r["differ"] == [] and r["compared"] > 10  # ...yet equal to a synchronous save then
-        assert r["third_wait_s"] > 0  # a save due while the previous one writes waits for it
+        assert r["third_wait_s"] > 0.4  # a save due while the previous one writes (>= 0.5 s) waits for it
         assert [e["step"] for e in r["events"]] == [1, 2, 3]  # each published, in order
         assert all(e["event"] == "checkpoint_complete" and e["write_s"] > 0 for e in r["events"])
         assert r["dirs"] == ["latest", "step-2", "step-3", "zero_to_fp32.py", "zero_to_torch.py"]
