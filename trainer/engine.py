@@ -96,7 +96,10 @@ def _zero_section(engine: EngineConfig, model: ModelConfig | None, device_type: 
     zero: dict[str, Any] = {"stage": engine.zero_stage}
     if engine.zero_stage >= 1:
         overlap = overlaps_comm(engine.zero_stage, device_type)
-        zero |= {"overlap_comm": overlap, "contiguous_gradients": True}
+        zero |= {
+            "overlap_comm": overlap,
+            "contiguous_gradients": contiguous_gradients(engine.zero_stage, device_type),
+        }
     if engine.zero_stage == 3:
         zero["leaf_module"] = {"classes": [ZERO3_UNIT]}
         zero |= zero3_buffers(model) if model is not None else {}
@@ -122,6 +125,18 @@ def overlaps_comm(zero_stage: int, device_type: str) -> bool:
     measured on the default model, one rank, ZeRO-2: 0.95 of the plain loop with it, 1.0 without.
     """
     return zero_stage >= 2 and device_type != "cpu"
+
+
+def contiguous_gradients(zero_stage: int, device_type: str) -> bool:
+    """Whether ZeRO copies each gradient into its reduce bucket as backward produces it.
+
+    On an accelerator that keeps the allocator from fragmenting (DeepSpeed's recommendation).
+    At ZeRO-1/2 on the CPU it is a Python hook and a copy per parameter, then another copy into
+    the partition; without it DeepSpeed flattens the gradients once when it reduces them.
+    Measured on the default model, one rank, 1 thread, CPU clock: ZeRO-1 0.97 of the plain loop
+    with it, 1.00 without; ZeRO-2 0.974 against 0.986. ZeRO-3 keeps it (no difference measured).
+    """
+    return zero_stage == 3 or device_type != "cpu"
 
 
 def zero3_buffers(model: ModelConfig) -> dict[str, int]:

@@ -160,6 +160,22 @@ def test_overlap_comm_only_where_there_are_streams(stage, device, expected):
     assert zero["overlap_comm"] is expected
 
 
+@pytest.mark.parametrize(
+    "stage, device, expected",
+    [
+        (1, "cuda", True),
+        (2, "cuda", True),
+        (3, "cuda", True),
+        (1, "cpu", False),
+        (2, "cpu", False),
+        (3, "cpu", True),
+    ],
+)
+def test_contiguous_gradients_except_zero12_on_cpu(stage, device, expected):
+    zero = _ds(EngineConfig(zero_stage=stage), device_type=device)["zero_optimization"]
+    assert zero["contiguous_gradients"] is expected
+
+
 def test_zero3_gathers_a_block_at_a_time():
     from trainer.model import GPT, Block, ModelConfig
 
