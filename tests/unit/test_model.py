@@ -376,3 +376,25 @@ def test_rmsnorm_edge_cases_match_torch():
     x = torch.randn(2, 16)
     plain = RMSNorm(16, eps=1e-5, elementwise_affine=False)
     assert torch.equal(plain(x), torch.nn.RMSNorm(16, eps=1e-5, elementwise_affine=False)(x))
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_attention_runs_in_fp32_on_the_cpu_in_bf16(autocast):
+    """bf16 queries (DeepSpeed's bf16 weights, or autocast) attend in fp32 on the CPU: the result
+    is fp32 attention of the same inputs, in the inputs' dtype, and gradients flow back in bf16."""
+    q, k, v = (torch.randn(2, 4, 16, 8).to(torch.bfloat16).requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        y = model_mod.attend(q, k, v, is_causal=True)
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want.to(torch.bfloat16))
+    assert not torch.equal(y, F.scaled_dot_product_attention(q, k, v, is_causal=True))  # not the bf16 kernel
+    y.sum().backward()
+    assert q.grad.dtype == torch.bfloat16 and q.grad.abs().sum() > 0
+
+
+def test_attention_under_autocast_with_fp32_inputs_stays_fp32():
+    q, k, v = (torch.randn(2, 4, 16, 8) for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model_mod.attend(q, k, v, is_causal=True)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, F.scaled_dot_product_attention(q, k, v, is_causal=True))

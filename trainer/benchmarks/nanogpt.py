@@ -1,6 +1,6 @@
 """Benchmark: the trainer against nanoGPT on nanoGPT's own CPU recipe.
 
-    python -m trainer.benchmarks.nanogpt [--iters 2000] [--compile] [--data DIR]
+    python -m trainer.benchmarks.nanogpt [--iters 2000] [--compile] [--precision bf16] [--data DIR]
 
 The recipe is nanoGPT's README CPU run of ``train_shakespeare_char`` (``--device=cpu
 --compile=False --block_size=64 --batch_size=12 --n_layer=4 --n_head=4 --n_embd=128
@@ -16,6 +16,10 @@ trainer runs as a user runs it (``python -m trainer.train``, engine=zero0, one r
 same shape and schedule, on the same character dataset (the project's generated corpus, char
 tokenizer, prepared once into ``--data``). Both use torch's default threads; neither saves
 checkpoints while it trains (the reference has none to save).
+
+``--precision bf16`` trains ours in bf16 (``engine.precision=bf16``: DeepSpeed's bf16 weights with
+fp32 master weights; attention in fp32 on the CPU, ``trainer.model.attend``) against the same fp32
+reference: nanoGPT itself runs fp32 on a CPU whatever its ``--dtype`` (its autocast is for CUDA).
 
 Printed: each side's training tokens/s (the reference's after 10 iterations, ours from its train
 events after the first log window, so compilation and warm-up count in neither; the wall time
@@ -187,7 +191,9 @@ def char_dataset(out_dir: Path) -> Path:
     return out_dir
 
 
-def train_ours(data_dir: Path, iters: int, compile_model: bool, run_dir: Path) -> tuple[float, float, float]:
+def train_ours(
+    data_dir: Path, iters: int, compile_model: bool, precision: str, run_dir: Path
+) -> tuple[float, float, float]:
     """`python -m trainer.train` on the recipe; returns (training tokens/s, val loss, wall seconds)."""
     log_every = max(1, min(100, iters // 10))
     overrides = [
@@ -198,7 +204,8 @@ def train_ours(data_dir: Path, iters: int, compile_model: bool, run_dir: Path) -
         f"model.compile={str(compile_model).lower()}",
         f"optim.lr={LR}", f"optim.betas=[{BETAS[0]},{BETAS[1]}]", f"optim.weight_decay={WD}",
         f"optim.warmup_steps={WARMUP}", f"optim.min_lr_ratio={MIN_LR / LR}", f"optim.grad_clip={CLIP}",
-        "engine=zero0", f"global_batch_size={BATCH}", f"micro_batch_size={BATCH}", f"max_steps={iters}",
+        "engine=zero0", f"engine.precision={precision}",
+        f"global_batch_size={BATCH}", f"micro_batch_size={BATCH}", f"max_steps={iters}",
         f"log_every={log_every}", f"eval_every={iters}", f"eval_batches={EVAL_BATCHES}",
         "checkpoint.save_final=false", "checkpoint.every_steps=0", "checkpoint.resume=none",
         f"run_dir={run_dir}", "name=nanogpt-recipe",
@@ -224,6 +231,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--iters", type=int, default=2000, help="training iterations of each (the recipe: 2000)")
     p.add_argument("--compile", action="store_true", help="ours with model.compile=true")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="ours (the reference: fp32)")
     p.add_argument(
         "--data", type=Path, default=Path(os.environ.get("TRAINER_DATA_DIR", "data")) / "char-seq64"
     )
@@ -240,17 +248,18 @@ def main() -> None:
     ref, ref_tps, ref_wall = train_reference(train_tokens, data.vocab_size, args.iters, args.seed)
     ref_val = evaluate(ref, data.val, BATCH, EVAL_BATCHES, torch.device("cpu")).loss
     with tempfile.TemporaryDirectory() as tmp:
-        ours_tps, ours_val, ours_wall = train_ours(data_dir, args.iters, args.compile, Path(tmp) / "run")
+        ours_tps, ours_val, ours_wall = train_ours(
+            data_dir, args.iters, args.compile, args.precision, Path(tmp) / "run"
+        )
 
     print(
         f"nanoGPT recipe: {LAYERS} layers x {HEADS} heads x {EMBD}, block {BLOCK}, batch {BATCH}, "
         f"char vocab {data.vocab_size}, {args.iters} iters, {torch.get_num_threads()} threads"
     )
     print(f"nanoGPT (plain loop): {ref_tps:10,.0f} tokens/s | val loss {ref_val:.4f} | {ref_wall:.1f} s")
-    compiled = " (compiled)" if args.compile else ""
+    how = (" compiled" if args.compile else "") + (" bf16" if args.precision == "bf16" else "")
     print(
-        f"trainer{compiled:<13}: {ours_tps:10,.0f} tokens/s | val loss {ours_val:.4f} | "
-        f"{ours_wall:.1f} s in all"
+        f"trainer{how:<13}: {ours_tps:10,.0f} tokens/s | val loss {ours_val:.4f} | {ours_wall:.1f} s in all"
     )
     print(
         f"ratio trainer/nanoGPT: {ours_tps / ref_tps:.3f} (target >= 1.15); "
