@@ -76,8 +76,10 @@ def test_peak_table_override_and_cpu_measurement():
     assert table_peak("NVIDIA H100 80GB HBM3", "fp32", tf32=True) == 494e12
     assert table_peak("Some Future GPU", "bf16") is None
     assert device_peak(torch.device("cpu"), "fp32", 2.5).flops == 2.5e12
-    assert device_peak(torch.device("cpu"), "bf16") is None  # emulated on CPU: no honest peak
+    assert device_peak(torch.device("cpu"), "fp16") is None
     assert 1e8 < measure_matmul_flops(256, 1) < 1e13
+    bf16 = device_peak(torch.device("cpu"), "bf16")  # measured in bf16: this CPU's own rate
+    assert "bf16" in bf16.source and 1e8 < bf16.flops < 1e14
 
 
 def test_memory_stats_on_cpu():
