@@ -88,7 +88,10 @@ def test_two_nodes_on_one_machine_match_one_process(tmp_path, env, one_process_l
 
 
 def test_accelerate_launch_matches_one_process(tmp_path, env, one_process_losses):
-    args = ["--config_file", str(REPO / "launch" / "accelerate.yaml"), "-m", "trainer.train"]
+    # Not accelerate's default port (29500): the README's `accelerate launch` may be starting on
+    # the other xdist worker, and two launches that find it free at once both try to bind it.
+    port = ["--main_process_port", str(free_port())]
+    args = ["--config_file", str(REPO / "launch" / "accelerate.yaml"), *port, "-m", "trainer.train"]
     proc = run_module("accelerate.commands.launch", [*args, *COMMON, "run_dir=out"], tmp_path, env)
     assert_ok(proc)
     assert len(list((tmp_path / "out" / "checkpoints" / "step-8").glob("*optim_states.pt"))) == 2
