@@ -8,6 +8,8 @@ import os
 import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 # A short run on the nano model that the ZeRO stages must all train alike (losses within 1e-4).
@@ -67,6 +69,70 @@ def torchrun(nproc: int, args: list[str], cwd: Path, env: dict[str, str], timeou
 def read_metrics(run_dir: Path, event: str = "train") -> list[dict]:
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     return [e for e in map(json.loads, lines) if e["event"] == event]
+
+
+def written_events(run_dir: Path, event: str | None = None) -> list[dict]:
+    """The events of a run that is still writing metrics.jsonl: its whole lines only (the last one
+    may be half written when the file is read), of one kind or all."""
+    path = run_dir / "metrics.jsonl"
+    text = path.read_text() if path.is_file() else ""
+    lines = text[: text.rfind("\n") + 1].splitlines()
+    return [e for e in map(json.loads, lines) if event is None or e["event"] == event]
+
+
+# --- processes frozen in place, and their signals ----------------------------------------------
+
+
+def _thread_states(pid: int) -> list[str]:
+    """The scheduler state (R, S, D, T, Z, ...) of every thread of `pid`, from /proc."""
+    states = []
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        with contextlib.suppress(OSError, IndexError):  # a thread that exited meanwhile
+            states.append(stat.read_text().rsplit(")", 1)[1].split()[0])
+    return states
+
+
+@contextlib.contextmanager
+def frozen(pids: Iterable[int], timeout: float = 60) -> Iterator[None]:
+    """SIGSTOP the processes and wait until all their threads have stopped; SIGCONT them on exit.
+
+    While frozen a process runs no code: what a test reads of its run stays true, and a signal
+    sent to it stays pending until it continues, then lands where it stopped. A test that must
+    signal a run in its middle freezes it, checks that it is in the middle, then signals it: the
+    signal cannot come after the run's end however late the test process gets the CPU.
+    """
+    pids = list(pids)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):  # exited: the caller's checks will say so
+            os.kill(pid, signal.SIGSTOP)
+    try:
+        deadline = time.monotonic() + timeout
+        while not all(state in "TtZX" for pid in pids for state in _thread_states(pid)):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"processes {pids} not stopped after {timeout:.0f} s")
+            time.sleep(0.001)
+        yield
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGCONT)
+
+
+def _signal_mask(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1], 16)
+    raise ValueError(f"/proc/{pid}/status has no {field}")
+
+
+def catches(pid: int, sig: int) -> bool:
+    """Whether `pid` has installed a handler for `sig` (until then its default action applies)."""
+    return bool(_signal_mask(pid, "SigCgt") >> (sig - 1) & 1)
+
+
+def pending(pid: int, sig: int) -> bool:
+    """Whether `sig` was sent to `pid` and not yet delivered (e.g. while it is frozen)."""
+    return bool((_signal_mask(pid, "ShdPnd") | _signal_mask(pid, "SigPnd")) >> (sig - 1) & 1)
 
 
 def assert_ok(proc: subprocess.CompletedProcess) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import socket
 import subprocess
@@ -24,7 +25,24 @@ def launcher_env(base: dict[str, str]) -> dict[str, str]:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port nothing listens on, for a process that binds it seconds later (after importing torch).
+
+    Not one the kernel picks (bind to port 0): it hands out the same ephemeral range to every
+    socket other processes bind to port 0 or connect from (the other xdist worker's torchrun
+    stores and gloo connections), so one of them may take the port before it is bound. A free
+    port below that range goes only to an explicit bind, and nothing else in the suite binds
+    these (SLURM: 17000-17002 and 20000 + job id; accelerate: 29500).
+    """
+    low, high = (int(x) for x in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    outside = [port for port in range(10_000, 17_000) if not low <= port <= high]
+    for port in random.Random().sample(outside, len(outside)):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use
+                continue
+            return port
+    with socket.socket() as s:  # an ephemeral range that covers them all: the kernel's choice
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.distributed.test_resume import BASE, finish, losses, start, wait_for
-from tests.helpers import SHORT_RUN, assert_ok, read_metrics, torchrun
+from tests.helpers import SHORT_RUN, assert_ok, frozen, read_metrics, torchrun, written_events
 from trainer.checkpoint import pin_memory
 
 pytestmark = pytest.mark.distributed
@@ -44,12 +44,11 @@ def test_kill_9_during_a_background_write_resumes_from_the_previous_checkpoint(t
     restart resumes from the save before, and the losses are those of an uninterrupted run."""
     args = [sys.executable, "-m", "trainer.train", *BASE, "max_steps=30", "checkpoint.every_steps=2",
             "checkpoint.keep_last=20", "run_dir=out"]  # fmt: skip
-    ckpt, metrics = tmp_path / "out" / "checkpoints", tmp_path / "out" / "metrics.jsonl"
+    ckpt = tmp_path / "out" / "checkpoints"
     caught: list[int] = []
 
     def writing() -> bool:  # a snapshot logged, its checkpoint not yet complete
-        text = metrics.read_text() if metrics.is_file() else ""
-        snapshots = [json.loads(line)["step"] for line in text.splitlines() if '"checkpoint"' in line]
+        snapshots = [e["step"] for e in written_events(tmp_path / "out", "checkpoint")]
         if snapshots and snapshots[-1] > 2 and not (ckpt / f"step-{snapshots[-1]}" / "COMPLETE").exists():
             caught.append(snapshots[-1])
             return True
@@ -58,12 +57,12 @@ def test_kill_9_during_a_background_write_resumes_from_the_previous_checkpoint(t
     proc = start(args, tmp_path, cli_env)
     while True:
         wait_for(writing, proc)
-        os.killpg(proc.pid, signal.SIGSTOP)  # look at the files while nothing moves
-        step = caught[-1]
-        if (ckpt / f"step-{step}.partial").is_dir() and not (ckpt / f"step-{step}").exists():
-            break
-        os.killpg(proc.pid, signal.SIGCONT)  # published in the meantime: catch a later one
-    os.killpg(proc.pid, signal.SIGKILL)
+        with frozen([proc.pid]):  # look at the files once nothing moves (every thread stopped)
+            step = caught[-1]
+            if (ckpt / f"step-{step}.partial").is_dir() and not (ckpt / f"step-{step}").exists():
+                os.killpg(proc.pid, signal.SIGKILL)
+                break
+        # published in the meantime: catch a later one
     proc.wait()
     previous = max(int(p.name.split("-")[1]) for p in ckpt.glob("step-*") if (p / "COMPLETE").is_file())
     assert previous < step

@@ -4,6 +4,7 @@ submitit's time-limit signal), and bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -12,10 +13,11 @@ import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
-from tests.helpers import assert_ok, kill_group, run_module, start_module
+from tests.helpers import assert_ok, catches, frozen, kill_group, pending, run_module, start_module
 from tests.launch_helpers import (
     EXIT_REQUEUE,
     REPO,
@@ -86,7 +88,10 @@ def test_two_nodes_on_one_machine_match_one_process(tmp_path, env, one_process_l
 
 
 def test_accelerate_launch_matches_one_process(tmp_path, env, one_process_losses):
-    args = ["--config_file", str(REPO / "launch" / "accelerate.yaml"), "-m", "trainer.train"]
+    # Not accelerate's default port (29500): the README's `accelerate launch` may be starting on
+    # the other xdist worker, and two launches that find it free at once both try to bind it.
+    port = ["--main_process_port", str(free_port())]
+    args = ["--config_file", str(REPO / "launch" / "accelerate.yaml"), *port, "-m", "trainer.train"]
     proc = run_module("accelerate.commands.launch", [*args, *COMMON, "run_dir=out"], tmp_path, env)
     assert_ok(proc)
     assert len(list((tmp_path / "out" / "checkpoints" / "step-8").glob("*optim_states.pt"))) == 2
@@ -179,12 +184,14 @@ def test_a_submitit_local_member_restarts_on_its_time_limit_signal(tmp_path, env
     proc = start_module("trainer.train", args, tmp_path, env)
     member = tmp_path / "runs" / "sweeps" / "loc" / "0"
     try:
-        wait_for(lambda: len(train_steps(member)) >= 3, 120, "the sweep member training")
+        wait_for(lambda: len(train_steps(member)) >= 3, 120, "the sweep member training", interval=0.01)
         task = subprocess.run(
             ["pgrep", "-f", f"submitit.core._submit {tmp_path}"], capture_output=True, text=True
         ).stdout.split()
         assert len(task) == 1, task  # the member's one task (its controller runs another module)
-        os.kill(int(task[0]), signal.SIGUSR2)
+        with frozen([int(task[0])]):  # the signal lands in the middle of the run, however late we are
+            assert train_steps(member)[-1] < steps, "the member finished before it was signalled"
+            os.kill(int(task[0]), signal.SIGUSR2)
         out, err = proc.communicate(timeout=300)
     except BaseException:
         kill_group(proc)
@@ -298,8 +305,10 @@ def test_a_stop_request_before_the_workers_start_is_kept(tmp_path, env):
     launcher died of the signal, or the request was lost and the job ran to its time limit)."""
     args = ["--nproc", "1", "debug=fast", "max_steps=500", "run_dir=out"]
 
-    def started(launcher: subprocess.Popen) -> bool:  # bash exec'd it; it now imports torch
-        return b"elastic.py" in Path(f"/proc/{launcher.pid}/cmdline").read_bytes()
+    def started(launcher: subprocess.Popen) -> bool:
+        # bash exec'd it and its handler is in place (before that USR1 kills it): it imports torch
+        elastic = b"elastic.py" in Path(f"/proc/{launcher.pid}/cmdline").read_bytes()
+        return elastic and catches(launcher.pid, signal.SIGUSR1)
 
     rc, out = _stop_launcher(tmp_path, env, args, started, signal.SIGUSR1)
     assert rc == EXIT_REQUEUE, out[-3000:]
@@ -307,7 +316,11 @@ def test_a_stop_request_before_the_workers_start_is_kept(tmp_path, env):
 
 
 def _stop_launcher(tmp_path, env, args: list[str], ready, sig: int) -> tuple[int, str]:
-    """launch/torchrun.sh ``args``, sent ``sig`` once ``ready(process)``: (exit code, output)."""
+    """launch/torchrun.sh ``args``, sent ``sig`` once ``ready(process)``: (exit code, output).
+
+    The workers that exist by then stay frozen until the launcher has passed the signal on to
+    them: it reaches them where ready() saw them, not after their run ended, however late this
+    process or the launcher gets the CPU."""
     launcher = subprocess.Popen(
         ["bash", str(TORCHRUN_SH), *args],
         cwd=tmp_path,
@@ -316,8 +329,19 @@ def _stop_launcher(tmp_path, env, args: list[str], ready, sig: int) -> tuple[int
         stderr=subprocess.STDOUT,
     )
     try:
-        wait_for(lambda: launcher.poll() is not None or ready(launcher), 120, "the launcher")
-        launcher.send_signal(sig)  # bash exec'd the launcher: this is its pid
+        wait_for(lambda: launcher.poll() is not None or ready(launcher), 120, "the launcher", interval=0.01)
+        workers = []
+        with contextlib.suppress(psutil.NoSuchProcess):  # exited: its exit code tells why
+            workers = [p.pid for p in psutil.Process(launcher.pid).children()]  # torchrun's workers
+        with frozen(workers):
+            launcher.send_signal(sig)  # bash exec'd the launcher: this is its pid
+
+            def passed_on() -> bool:
+                with contextlib.suppress(FileNotFoundError):  # a worker gone: the exit code says
+                    return all(pending(pid, sig) for pid in workers)
+                return True
+
+            wait_for(lambda: launcher.poll() is not None or passed_on(), 60, "the launcher", interval=0.01)
         out = launcher.communicate(timeout=120)[0].decode()
     finally:
         launcher.kill()

@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import assert_ok, kill_group, read_metrics, torchrun
+from tests.helpers import assert_ok, frozen, kill_group, read_metrics, torchrun, written_events
 
 pytestmark = pytest.mark.distributed
 
@@ -117,12 +117,12 @@ def test_signal_on_one_rank_saves_on_all_and_exits_for_requeue(tmp_path, cli_env
     args = [*TORCHRUN, "--nproc-per-node", "2", "-m", "trainer.train", *BASE, "engine=zero2",
             "checkpoint.every_steps=0", "run_dir=out"]  # fmt: skip
     proc = start(args, tmp_path, cli_env)
-    metrics = tmp_path / "out" / "metrics.jsonl"
-    wait_for(lambda: metrics.is_file() and len(metrics.read_text().splitlines()) >= 5, proc)
-    (rank1,) = [
-        p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"
-    ]
-    rank1.send_signal(signal.SIGUSR1)
+    wait_for(lambda: len(written_events(tmp_path / "out", "train")) >= 4, proc)
+    workers = psutil.Process(proc.pid).children(recursive=True)
+    (rank1,) = [p for p in workers if p.environ().get("RANK") == "1"]
+    with frozen([proc.pid, *(p.pid for p in workers)]):  # the signal lands mid-run, however late
+        assert written_events(tmp_path / "out", "train")[-1]["step"] < STEPS, "finished before the signal"
+        rank1.send_signal(signal.SIGUSR1)
     out = finish(proc, 120)
     assert "exitcode  : 85" in out or "exitcode: 85" in out.replace(" ", ""), out[-3000:]
     saved = [p for p in (tmp_path / "out" / "checkpoints").glob("step-*") if (p / "COMPLETE").is_file()]
@@ -143,7 +143,9 @@ def test_torchrun_restarts_a_killed_rank_and_the_run_finishes(tmp_path, cli_env,
     wait_for(lambda: (tmp_path / "out" / "checkpoints" / "step-10" / "COMPLETE").is_file(), proc)
     workers = psutil.Process(proc.pid).children(recursive=True)
     (rank0,) = [p for p in workers if p.environ().get("RANK") == "0"]
-    rank0.kill()
+    with frozen([proc.pid, *(p.pid for p in workers)]):  # killed mid-run, however late
+        assert written_events(tmp_path / "out", "train")[-1]["step"] < STEPS, "finished before the kill"
+        rank0.kill()
     out = finish(proc)
     assert proc.returncode == 0, out[-3000:]
     assert "resumed from" in out

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.helpers import assert_ok, read_metrics, run_module, start_module
+from tests.helpers import assert_ok, frozen, read_metrics, run_module, start_module
 
 FAST = [
     "debug=fast",
@@ -108,7 +108,9 @@ def test_a_stop_request_while_the_run_is_built_saves_at_the_first_step_and_reque
     while not config.is_file():
         assert proc.poll() is None and time.monotonic() < deadline
         time.sleep(0.005)
-    proc.send_signal(signal.SIGUSR1)
+    with frozen([proc.pid]):  # the signal lands during the build, however late this process is
+        assert config.is_file(), "the run was built before the signal"  # config.yaml replaces it then
+        proc.send_signal(signal.SIGUSR1)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 85, err[-2000:]
     (step_dir,) = (tmp_path / "out" / "checkpoints").glob("step-*")

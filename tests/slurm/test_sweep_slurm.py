@@ -71,7 +71,7 @@ def test_a_signalled_member_saves_requeues_itself_and_ends_like_an_uninterrupted
     proc = start_module("trainer.train", args, tmp_path, slurm_env)
     sweep = tmp_path / "runs" / "sweeps" / "pre"
     try:
-        wait_for(lambda: len(train_steps(sweep / "0")) >= 3, 180, "sweep member 0 training")
+        wait_for(lambda: len(train_steps(sweep / "0")) >= 3, 180, "sweep member 0 training", interval=0.02)
         (job_dir,) = (sweep / ".submitit").glob("*_0")  # <array job>_0: member 0's SLURM job
         slurm("scancel", "--signal=USR2", job_dir.name, env=slurm_env)
         out, err = proc.communicate(timeout=300)

@@ -60,7 +60,7 @@ def test_usr1_saves_requeues_resumes_and_finishes(two_node_job, tmp_path, slurm_
     job = sbatch(["--nodes=2", "--job-name=pre"], overrides, tmp_path, env)
     run_dir = tmp_path / "runs" / f"pre-{job}"
     try:
-        wait_for(lambda: len(train_steps(run_dir)) >= 3, 120, f"job {job} training")
+        wait_for(lambda: len(train_steps(run_dir)) >= 3, 120, f"job {job} training", interval=0.02)
     except TimeoutError:
         slurm("scancel", job, env=env, check=False)
         raise

@@ -246,15 +246,13 @@ def test_deepspeed_builds_torchs_fused_adamw_from_the_config():
     """The `fused` key reaches torch.optim.AdamW through DeepSpeed, at ZeRO-0 (DeepSpeed steps it
     directly) and ZeRO-1 (its wrapper does); one rank at ZeRO-0 skips the all-reduce and trains
     the same weights. In a process of its own: DeepSpeed starts a process group."""
-    import socket
     import subprocess
     import sys
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from tests.launch_helpers import free_port
+
     proc = subprocess.run(
-        [sys.executable, "-c", _BUILD_ADAMW, str(port)], capture_output=True, text=True, timeout=600
+        [sys.executable, "-c", _BUILD_ADAMW, str(free_port())], capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = proc.stdout.splitlines()
