@@ -4,12 +4,21 @@ against the tensors autograd really saves, fit suggestions, and bad input."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from trainer.config import ConfigError, DataConfig, EngineConfig, ModelConfig, TrainConfig, register_configs
+from trainer.config import (
+    ConfigError,
+    DataConfig,
+    EngineConfig,
+    ModelConfig,
+    TrainConfig,
+    register_configs,
+)
 from trainer.devices import KNOWN_DEVICES, device_spec
 from trainer.model import GPT, num_params
 from trainer.plan_shapes import largest_module
@@ -250,3 +259,17 @@ def test_a_measured_peak_more_than_25_percent_off_the_plan_warns(caplog):
     event = compare_peak(plan, [planned * 1.1, planned * 0.7], step=7)
     assert event["ratio"] == pytest.approx(0.7)
     assert "differs from the plan" in caplog.text and "-30%" in caplog.text
+
+
+def test_the_cpu_baseline_has_what_the_optimizer_imports():
+    """torch.optim imports torch._dynamo (and sympy, networkx: ~70 MiB) when the engine builds its
+    optimizer: the baseline is measured with it imported, so building one imports nothing more."""
+    code = (
+        "import sys, torch\n"
+        "from trainer.planner import rss_now\n"
+        "rss_now(); before = set(sys.modules)\n"
+        "torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])\n"
+        "print(sorted(set(sys.modules) - before))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
