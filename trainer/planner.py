@@ -30,6 +30,7 @@ from trainer.hostmem import mmap_threshold
 from trainer.hostmem_plan import (
     activations_in_heap,
     below_threshold,
+    freed_after_step,
     snapshot_bytes,
     zero3_heap_bytes,
 )
@@ -275,6 +276,8 @@ def host_items(
             phase, kept = "step", below_threshold([w * k for k in numels], thr)
             heap += kept
             out.append(Item("freed gradients", kept, "device", f"in the heap, {below}", "heap", "save"))
+        if freed_after_step(i.name, i.where, zero.stage):
+            phase = "step"
         if i.name == "activations" and activations_in_heap(hidden, thr):  # ... but the heap keeps small ones
             phase, heap, acts = "always", heap + i.nbytes, i.nbytes
         out.append(dataclasses.replace(i, phase=phase))

@@ -19,7 +19,7 @@ from trainer.config import (
     TrainConfig,
     register_configs,
 )
-from trainer.devices import KNOWN_DEVICES, device_spec
+from trainer.devices import KNOWN_DEVICES, cpu_device, device_spec
 from trainer.model import GPT, num_params
 from trainer.plan_shapes import largest_module
 from trainer.planner import _shapes, activation_bytes, compare_peak, make_plan, param_tensors
@@ -259,6 +259,25 @@ def test_a_measured_peak_more_than_25_percent_off_the_plan_warns(caplog):
     event = compare_peak(plan, [planned * 1.1, planned * 0.7], step=7)
     assert event["ratio"] == pytest.approx(0.7)
     assert "differs from the plan" in caplog.text and "-30%" in caplog.text
+
+
+def cpu_items(stage: int, offload: bool = False, model: ModelConfig | None = None, **top) -> dict:
+    """The items of an fp32 plan for 2 CPU ranks (baseline 0), by name."""
+    cfg = dataclasses.replace(config(stage, "fp32", offload), **top)
+    cfg = dataclasses.replace(cfg, model=model) if model else cfg
+    return {i.name: i for i in make_plan(cfg, cpu_device(), 2, 1, baseline=0).items}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_on_cpu_the_optimizers_gradients_are_gone_by_the_save(stage):
+    """DeepSpeed drops ZeRO-1/2's flat gradient partition after the optimizer step and the engine
+    releases ZeRO-3's pages, so the save does not count them; offloaded, the host's stay."""
+    items = cpu_items(stage)
+    assert items["fp32 gradients"].phase == "step"
+    if stage == 2:
+        assert items["gradients"].phase == "step"
+    offloaded = cpu_items(stage, offload=True)
+    assert offloaded["fp32 gradients"].phase == "always"
 
 
 def test_the_cpu_baseline_has_what_the_optimizer_imports():
