@@ -292,10 +292,14 @@ def host_items(
     c = cfg.checkpoint
     if c.async_save and (c.save_final or c.every_steps or c.every_minutes):
         total, small = snapshot_bytes(zero.stage, numels, w, world, w != 4, thr)
-        reused = min(small, heap) if cpu else 0.0
+        # The Saver keeps its buffers for the next save (checkpoint._HostPool): saved before the
+        # end, they stay under every later step, whose tensors need the heap they took back
+        again = c.every_minutes > 0 or 0 < c.every_steps < cfg.total_steps()
+        reused = min(small, heap) if cpu and not again else 0.0
         note = f"async save, rank 0; {reused / GiB:.2f} GiB of it in kept heap" if cpu else "pinned"
-        where = "device" if cpu else "host"
-        out.append(Item("checkpoint snapshot", total - reused, where, note, "buffer", "save"))
+        note = "async save, rank 0; kept for the next save" if cpu and again else note
+        where, phase = ("device", "always" if again else "save") if cpu else ("host", "save")
+        out.append(Item("checkpoint snapshot", total - reused, where, note, "buffer", phase))
     return out
 
 

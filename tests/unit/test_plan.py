@@ -12,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from trainer.config import (
+    CheckpointConfig,
     ConfigError,
     DataConfig,
     EngineConfig,
@@ -22,7 +23,7 @@ from trainer.config import (
 from trainer.devices import KNOWN_DEVICES, cpu_device, device_spec
 from trainer.model import GPT, num_params
 from trainer.plan_shapes import largest_module
-from trainer.planner import _shapes, activation_bytes, compare_peak, make_plan, param_tensors
+from trainer.planner import Item, _shapes, activation_bytes, compare_peak, make_plan, param_tensors
 from trainer.train import config_dir
 
 SMALL = dict(n_layer=3, n_head=4, d_model=64, max_seq_len=32, vocab_size=300)
@@ -278,6 +279,18 @@ def test_on_cpu_the_optimizers_gradients_are_gone_by_the_save(stage):
         assert items["gradients"].phase == "step"
     offloaded = cpu_items(stage, offload=True)
     assert offloaded["fp32 gradients"].phase == "always"
+
+
+def test_a_snapshot_kept_for_the_next_save_counts_under_every_step():
+    """The Saver keeps its host buffers for the next save: with saves before the end the whole
+    snapshot is under the later steps; with the final save only, just under the save."""
+
+    def snapshot(max_steps: int, every_steps: int) -> Item:
+        checkpoint = CheckpointConfig(every_steps=every_steps)
+        return cpu_items(1, max_steps=max_steps, checkpoint=checkpoint)["checkpoint snapshot"]
+
+    assert snapshot(100, 0).phase == "save" and snapshot(50, 50).phase == "save"
+    assert snapshot(100, 50).phase == "always" and snapshot(100, 50).nbytes >= snapshot(100, 0).nbytes
 
 
 def test_the_cpu_baseline_has_what_the_optimizer_imports():
