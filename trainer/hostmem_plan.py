@@ -84,6 +84,6 @@ def freed_after_step(name: str, where: str, stage: int) -> bool:
 
 
 def activations_in_heap(tensor_bytes: float, threshold: int) -> bool:
-    """Whether a step's activations stay resident after it: their typical tensor (one micro-batch's
-    d_model-wide hidden state) comes from the heap."""
+    """Whether a step's activations (or logits) stay resident after it: their typical tensor (one
+    micro-batch's d_model-wide hidden state; the logits' [B, T, V]) comes from the heap."""
     return tensor_bytes < threshold

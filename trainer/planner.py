@@ -278,8 +278,9 @@ def host_items(
             out.append(Item("freed gradients", kept, "device", f"in the heap, {below}", "heap", "save"))
         if freed_after_step(i.name, i.where, zero.stage):
             phase = "step"
-        if i.name == "activations" and activations_in_heap(hidden, thr):  # ... but the heap keeps small ones
-            phase, heap, acts = "always", heap + i.nbytes, i.nbytes
+        small = {"activations": hidden, "logits": i.nbytes / 4}.get(i.name)  # one tensor of each
+        if small is not None and activations_in_heap(small, thr):  # ... but the heap keeps small ones
+            phase, heap, acts = "always", heap + i.nbytes, acts + i.nbytes
         out.append(dataclasses.replace(i, phase=phase))
     if cpu and zero.stage == 3:
         moved = [k for k in numels if k >= zero.param_persistence_threshold]

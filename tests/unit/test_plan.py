@@ -293,6 +293,13 @@ def test_a_snapshot_kept_for_the_next_save_counts_under_every_step():
     assert snapshot(100, 50).phase == "always" and snapshot(100, 50).nbytes >= snapshot(100, 0).nbytes
 
 
+def test_logits_below_the_mmap_threshold_stay_in_the_heap():
+    """Logits of a small vocabulary come from glibc's heap, which keeps them after the step."""
+    assert cpu_items(1)["logits"].phase == "always"  # 1 x 32 x 320 fp32: 40 KiB
+    wide = dataclasses.replace(ModelConfig(**SMALL), vocab_size=32768)  # 4 MiB each: mapped, returned
+    assert cpu_items(1, model=wide)["logits"].phase == "step"
+
+
 def test_the_cpu_baseline_has_what_the_optimizer_imports():
     """torch.optim imports torch._dynamo (and sympy, networkx: ~70 MiB) when the engine builds its
     optimizer: the baseline is measured with it imported, so building one imports nothing more."""
