@@ -4,16 +4,26 @@ against the tensors autograd really saves, fit suggestions, and bad input."""
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from trainer.config import ConfigError, DataConfig, EngineConfig, ModelConfig, TrainConfig, register_configs
-from trainer.devices import KNOWN_DEVICES, device_spec
+from trainer.config import (
+    CheckpointConfig,
+    ConfigError,
+    DataConfig,
+    EngineConfig,
+    ModelConfig,
+    TrainConfig,
+    register_configs,
+)
+from trainer.devices import KNOWN_DEVICES, cpu_device, device_spec
 from trainer.model import GPT, num_params
 from trainer.plan_shapes import largest_module
-from trainer.planner import _shapes, activation_bytes, compare_peak, make_plan, param_tensors
+from trainer.planner import Item, _shapes, activation_bytes, compare_peak, make_plan, param_tensors
 from trainer.train import config_dir
 
 SMALL = dict(n_layer=3, n_head=4, d_model=64, max_seq_len=32, vocab_size=300)
@@ -250,3 +260,55 @@ def test_a_measured_peak_more_than_25_percent_off_the_plan_warns(caplog):
     event = compare_peak(plan, [planned * 1.1, planned * 0.7], step=7)
     assert event["ratio"] == pytest.approx(0.7)
     assert "differs from the plan" in caplog.text and "-30%" in caplog.text
+
+
+def cpu_items(stage: int, offload: bool = False, model: ModelConfig | None = None, **top) -> dict:
+    """The items of an fp32 plan for 2 CPU ranks (baseline 0), by name."""
+    cfg = dataclasses.replace(config(stage, "fp32", offload), **top)
+    cfg = dataclasses.replace(cfg, model=model) if model else cfg
+    return {i.name: i for i in make_plan(cfg, cpu_device(), 2, 1, baseline=0).items}
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_on_cpu_the_optimizers_gradients_are_gone_by_the_save(stage):
+    """DeepSpeed drops ZeRO-1/2's flat gradient partition after the optimizer step and the engine
+    releases ZeRO-3's pages, so the save does not count them; offloaded, the host's stay."""
+    items = cpu_items(stage)
+    assert items["fp32 gradients"].phase == "step"
+    if stage == 2:
+        assert items["gradients"].phase == "step"
+    offloaded = cpu_items(stage, offload=True)
+    assert offloaded["fp32 gradients"].phase == "always"
+
+
+def test_a_snapshot_kept_for_the_next_save_counts_under_every_step():
+    """The Saver keeps its host buffers for the next save: with saves before the end the whole
+    snapshot is under the later steps; with the final save only, just under the save."""
+
+    def snapshot(max_steps: int, every_steps: int) -> Item:
+        checkpoint = CheckpointConfig(every_steps=every_steps)
+        return cpu_items(1, max_steps=max_steps, checkpoint=checkpoint)["checkpoint snapshot"]
+
+    assert snapshot(100, 0).phase == "save" and snapshot(50, 50).phase == "save"
+    assert snapshot(100, 50).phase == "always" and snapshot(100, 50).nbytes >= snapshot(100, 0).nbytes
+
+
+def test_logits_below_the_mmap_threshold_stay_in_the_heap():
+    """Logits of a small vocabulary come from glibc's heap, which keeps them after the step."""
+    assert cpu_items(1)["logits"].phase == "always"  # 1 x 32 x 320 fp32: 40 KiB
+    wide = dataclasses.replace(ModelConfig(**SMALL), vocab_size=32768)  # 4 MiB each: mapped, returned
+    assert cpu_items(1, model=wide)["logits"].phase == "step"
+
+
+def test_the_cpu_baseline_has_what_the_optimizer_imports():
+    """torch.optim imports torch._dynamo (and sympy, networkx: ~70 MiB) when the engine builds its
+    optimizer: the baseline is measured with it imported, so building one imports nothing more."""
+    code = (
+        "import sys, torch\n"
+        "from trainer.planner import rss_now\n"
+        "rss_now(); before = set(sys.modules)\n"
+        "torch.optim.AdamW([torch.nn.Parameter(torch.zeros(2))])\n"
+        "print(sorted(set(sys.modules) - before))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr[-2000:]
