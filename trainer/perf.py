@@ -66,7 +66,6 @@ def table_peak(device_name: str, precision: str, tf32: bool = False) -> float | 
     return None
 
 
-@functools.cache
 def measure_matmul_flops(
     n: int = 2048, min_repeats: int = 5, min_seconds: float = 0.5, dtype: torch.dtype = torch.float32
 ) -> float:
@@ -79,9 +78,17 @@ def measure_matmul_flops(
     time and this process's CPU time per thread: under load that lasts the whole measurement
     (other ranks, a CI neighbour) the wall time counts the time the threads waited for a core,
     and gave peaks 3-10x too low (an MFU above 1 once the load eased); CPU time does not.
-    Cached: a process pays for it once.
+    Cached: a process pays for it once, however it is called. Its inputs come from a generator of
+    its own: the plan measures after the run has seeded torch, and drawing from the global one
+    there would change the run's initial weights.
     """
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    return _measure_matmul_flops(n, min_repeats, min_seconds, dtype)
+
+
+@functools.cache
+def _measure_matmul_flops(n: int, min_repeats: int, min_seconds: float, dtype: torch.dtype) -> float:
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen).to(dtype) for _ in range(2))
     torch.mm(a, b)
     threads = torch.get_num_threads()
     best, repeats, start = math.inf, 0, time.perf_counter()

@@ -78,6 +78,11 @@ def test_peak_table_override_and_cpu_measurement():
     assert device_peak(torch.device("cpu"), "fp32", 2.5).flops == 2.5e12
     assert device_peak(torch.device("cpu"), "fp16") is None
     assert 1e8 < measure_matmul_flops(256, 1) < 1e13
+    torch.manual_seed(0)
+    measure_matmul_flops(128, 1, 0.0, torch.float64)  # a new measurement...
+    after = torch.rand(1)
+    torch.manual_seed(0)
+    assert torch.equal(after, torch.rand(1))  # ...leaves the run's seeded generator alone
     bf16 = device_peak(torch.device("cpu"), "bf16")  # measured in bf16: this CPU's own rate
     assert "bf16" in bf16.source and 1e8 < bf16.flops < 1e14
 
