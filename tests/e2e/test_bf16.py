@@ -12,11 +12,10 @@ RUN = ["debug=fast", "max_steps=40", "eval_every=0", "log_every=1", "checkpoint.
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("engine", ["zero0", "zero1"])
-def test_bf16_training_follows_the_fp32_curve(tmp_path, cli_env, engine):
+def test_bf16_training_follows_the_fp32_curve(tmp_path, cli_env):
     curves = {}
-    for precision in ("fp32", "bf16"):
-        run = [*RUN, f"engine={engine}", f"engine.precision={precision}", f"run_dir={precision}"]
+    for precision in ("fp32", "bf16"):  # the default engine, ZeRO-1
+        run = [*RUN, f"engine.precision={precision}", f"run_dir={precision}"]
         assert_ok(run_module("trainer.train", run, tmp_path, cli_env))
         curves[precision] = {e["step"]: e["loss"] for e in read_metrics(tmp_path / precision)}
     fp32, bf16 = curves["fp32"], curves["bf16"]
