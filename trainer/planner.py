@@ -297,9 +297,12 @@ def host_items(
         # end, they stay under every later step, whose tensors need the heap they took back
         again = c.every_minutes > 0 or 0 < c.every_steps < cfg.total_steps()
         reused = min(small, heap) if cpu and not again else 0.0
-        note = f"async save, rank 0; {reused / GiB:.2f} GiB of it in kept heap" if cpu else "pinned"
-        note = "async save, rank 0; kept for the next save" if cpu and again else note
-        where, phase = ("device", "always" if again else "save") if cpu else ("host", "save")
+        if not cpu:
+            where, phase, note = "host", "save", "pinned"
+        elif again:
+            where, phase, note = "device", "always", "async save, rank 0; kept for the next save"
+        else:
+            where, phase, note = "device", "save", f"async save, rank 0; {reused / GiB:.2f} GiB in kept heap"
         out.append(Item("checkpoint snapshot", total - reused, where, note, "buffer", phase))
     return out
 
