@@ -42,7 +42,7 @@ def deepspeed_config(
         "gradient_clipping": 0.0 if clips_in_trainer(engine) else optim.grad_clip,
         "steps_per_print": 2**31 - 1,  # we log ourselves
         "wall_clock_breakdown": False,
-        "zero_optimization": _zero_section(engine, model, device_type),
+        "zero_optimization": _zero_section(engine, model, device_type, world_size),
         "bf16": {"enabled": engine.precision == "bf16"},
         "fp16": {
             "enabled": engine.precision == "fp16",
@@ -92,7 +92,9 @@ def clips_in_trainer(engine: EngineConfig) -> bool:
     return engine.zero_stage == 0 and engine.precision == "fp32"
 
 
-def _zero_section(engine: EngineConfig, model: ModelConfig | None, device_type: str) -> dict[str, Any]:
+def _zero_section(
+    engine: EngineConfig, model: ModelConfig | None, device_type: str, world_size: int
+) -> dict[str, Any]:
     zero: dict[str, Any] = {"stage": engine.zero_stage}
     if engine.zero_stage >= 1:
         overlap = overlaps_comm(engine.zero_stage, device_type)
@@ -102,6 +104,7 @@ def _zero_section(engine: EngineConfig, model: ModelConfig | None, device_type: 
         }
     if engine.zero_stage == 3:
         zero["leaf_module"] = {"classes": [ZERO3_UNIT]}
+        zero["reduce_scatter"] = zero3_reduce_scatter(world_size)
         zero |= zero3_buffers(model) if model is not None else {}
     if engine.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
@@ -125,6 +128,20 @@ def overlaps_comm(zero_stage: int, device_type: str) -> bool:
     measured on the default model, one rank, ZeRO-2: 0.95 of the plain loop with it, 1.0 without.
     """
     return zero_stage >= 2 and device_type != "cpu"
+
+
+def zero3_reduce_scatter(world_size: int) -> bool:
+    """Whether ZeRO-3 reduces each gradient bucket with a reduce-scatter (``reduce_scatter``).
+
+    With more than one data-parallel rank, yes: each rank receives only its partition, half the
+    traffic of an all-reduce. With one there is nothing to scatter, but DeepSpeed's reduce-scatter
+    path still concatenates the bucket's gradients into a new buffer and reduces it to itself;
+    its all-reduce path reduces the contiguous bucket where it is (a no-op at one rank) and
+    slices the partitions out of it. Measured on the default model, one rank, 2 threads: 0.889
+    of the plain loop with the reduce-scatter, 0.913 without, in the same hour. The same
+    gradients (tests/unit/test_engine_config.py). ZeRO-1/2 measured no difference: DeepSpeed's default.
+    """
+    return world_size > 1
 
 
 def contiguous_gradients(zero_stage: int, device_type: str) -> bool:
@@ -243,6 +260,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optim: Optim
     _share_zero3_master_weights(engine.optimizer)
     _share_zero12_master_weights(engine.optimizer)
     _release_zero3_grads_between_steps(engine.optimizer)
+    _zero3_grad_norm_in_one_call(engine.optimizer)
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # ZeRO-0 all-reduces every gradient after backward (flatten, all_reduce, copy back)
         # even with one data-parallel rank, where the average is the gradient itself: ~4% of
@@ -418,6 +436,48 @@ def _release_zero3_grads_between_steps(optimizer) -> None:
         return out
 
     optimizer.step = step_then_release
+
+
+def _zero3_grad_norm_in_one_call(optimizer) -> None:
+    """ZeRO-3's gradient norm (for clipping) from one foreach call instead of a Python loop.
+
+    DeepSpeed's ``get_grad_norm_direct`` converts each gradient partition to its norm dtype
+    (fp64 on the CPU: a copy of every gradient) and takes its norm, one tensor at a time, with a
+    few Python calls each. ``torch._foreach_norm`` takes every norm in the same dtype in one
+    call, without the copies; the sum of squares, the all-reduce over the partition group and the
+    -1 for a non-finite norm are DeepSpeed's own. Measured on the default model, one rank, 2
+    threads: 0.896-0.898 of the plain loop with DeepSpeed's loop, 0.908-0.917 with this. Taken
+    only where that loop is this sum: the 2-norm, no model parallelism, no expert-parallel
+    groups; otherwise (and with ZeRO-Offload, which has a path of its own) DeepSpeed's.
+    """
+    direct = getattr(optimizer, "get_grad_norm_direct", None)
+    partition_group = getattr(optimizer, "_get_param_partition_group", None)
+    expert_group = getattr(optimizer, "_autoep_expert_parallel_group", lambda params: None)
+    if (
+        direct is None
+        or partition_group is None
+        or getattr(optimizer, "model_parallel_group", "unknown") is not None
+        or getattr(optimizer, "offload_optimizer", False)
+    ):
+        return
+    import deepspeed.comm as ds_dist
+
+    try:
+        from deepspeed.runtime.zero.utils import get_norm_dtype
+    except ImportError:
+        return
+
+    def grad_norm_direct(gradients, params, norm_type=2):
+        if float(norm_type) != 2.0 or not gradients or expert_group(params) is not None:
+            return direct(gradients, params, norm_type)
+        dtype = get_norm_dtype()
+        norms = torch._foreach_norm(gradients, 2.0, dtype=dtype)  # each gradient's 2-norm, in dtype
+        total = torch.sum(torch.pow(torch.stack(norms), 2.0))
+        ds_dist.all_reduce(total, op=ds_dist.ReduceOp.SUM, group=partition_group(params[0]))
+        total = total**0.5
+        return torch.where(total.isinf() | total.isnan(), torch.tensor(-1.0, device=total.device), total)
+
+    optimizer.get_grad_norm_direct = grad_norm_direct
 
 
 def current_lr(engine) -> float:

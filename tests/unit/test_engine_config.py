@@ -176,6 +176,17 @@ def test_contiguous_gradients_except_zero12_on_cpu(stage, device, expected):
     assert zero["contiguous_gradients"] is expected
 
 
+@pytest.mark.parametrize("stage, world, expected", [(3, 1, False), (3, 2, True), (3, 16, True)])
+def test_zero3_reduce_scatters_only_across_ranks(stage, world, expected):
+    zero = _ds(EngineConfig(zero_stage=stage), world_size=world)["zero_optimization"]
+    assert zero["reduce_scatter"] is expected
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zero12_keep_deepspeeds_reduce_scatter_default(stage):
+    assert "reduce_scatter" not in _ds(EngineConfig(zero_stage=stage), world_size=1)["zero_optimization"]
+
+
 def test_zero3_gathers_a_block_at_a_time():
     from trainer.model import GPT, Block, ModelConfig
 
@@ -239,13 +250,60 @@ for stage in (1, 2):
             engine.step()
         weights.append((shared, torch.cat([p.detach().flatten() for p in engine.module.parameters()])))
     print("MASTER", stage, weights[0][0], weights[1][0], torch.equal(weights[0][1], weights[1][1]))
+# ZeRO-3 on one rank all-reduces its gradient buckets where they are instead of reduce-scattering
+# them: the same weights and gradient norms after 6 steps (2 micro-batches each) as with the scatter
+import deepspeed
+from trainer.engine import build_model
+runs = []
+for scatter in (True, False):
+    torch.manual_seed(0)
+    ds = deepspeed_config(EngineConfig(zero_stage=3), OptimConfig(), micro_batch_size=2,
+                          grad_accum_steps=2, world_size=1, total_steps=10, device_type="cpu")
+    chosen, ds["zero_optimization"]["reduce_scatter"] = ds["zero_optimization"]["reduce_scatter"], scatter
+    mcfg = ModelConfig(n_layer=2, d_model=32, n_head=2, vocab_size=64)
+    engine = build_engine(build_model(mcfg, ds), ds, OptimConfig(), 10)
+    norms = []
+    for _ in range(12):
+        _, loss = engine(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))
+        engine.backward(loss)
+        engine.step()
+        norms.append(float(engine.get_global_grad_norm() or 0.0))
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params):
+        runs.append((torch.cat([p.detach().flatten() for p in params]), norms))
+print("Z3SCATTER", chosen, torch.equal(runs[0][0], runs[1][0]), runs[0][1] == runs[1][1], runs[0][1][-1] > 0)
+# ZeRO-3's gradient norm in one foreach call: DeepSpeed's per-tensor loop's norms and weights, bitwise,
+# with clipping at work (max norm 0.05, below every norm here) and in bf16
+for precision in ("fp32", "bf16"):
+    runs = []
+    for one_call in (E._zero3_grad_norm_in_one_call, lambda optimizer: None):
+        E_norm, E._zero3_grad_norm_in_one_call = E._zero3_grad_norm_in_one_call, one_call
+        torch.manual_seed(0)
+        optim = OptimConfig(grad_clip=0.05)
+        ds = deepspeed_config(EngineConfig(zero_stage=3, precision=precision), optim, micro_batch_size=2,
+                              grad_accum_steps=1, world_size=1, total_steps=10, device_type="cpu")
+        engine = build_engine(build_model(mcfg, ds), ds, optim, 10)
+        E._zero3_grad_norm_in_one_call = E_norm
+        patched = "get_grad_norm_direct" in vars(engine.optimizer)
+        norms = []
+        for _ in range(6):
+            _, loss = engine(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))
+            engine.backward(loss)
+            engine.step()
+            norms.append(float(engine.get_global_grad_norm()))
+        params = list(engine.module.parameters())
+        with deepspeed.zero.GatheredParameters(params):
+            runs.append((patched, torch.cat([p.detach().float().flatten() for p in params]), norms))
+    (ours, w1, n1), (theirs, w2, n2) = runs
+    print("Z3NORM", precision, ours, theirs, n1 == n2 and min(n1) > 0.05, torch.equal(w1, w2))
 """
 
 
 def test_deepspeed_builds_torchs_fused_adamw_from_the_config():
     """The `fused` key reaches torch.optim.AdamW through DeepSpeed, at ZeRO-0 (DeepSpeed steps it
     directly) and ZeRO-1 (its wrapper does); one rank at ZeRO-0 skips the all-reduce and trains
-    the same weights. In a process of its own: DeepSpeed starts a process group."""
+    the same weights; so does ZeRO-3 on one rank without its reduce-scatter. In a process of its
+    own: DeepSpeed starts a process group."""
     import subprocess
     import sys
 
@@ -260,3 +318,6 @@ def test_deepspeed_builds_torchs_fused_adamw_from_the_config():
     assert "ALLREDUCE 0 False" in lines and "ALLREDUCE 1 True" in lines, proc.stdout
     assert any(line.startswith("SAME True") for line in lines), proc.stdout
     assert "MASTER 1 True False True" in lines and "MASTER 2 True False True" in lines, proc.stdout
+    assert "Z3SCATTER False True True True" in lines, proc.stdout
+    for precision in ("fp32", "bf16"):
+        assert f"Z3NORM {precision} True False True True" in lines, proc.stdout
