@@ -260,7 +260,8 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optim: Optim
     _share_zero3_master_weights(engine.optimizer)
     _share_zero12_master_weights(engine.optimizer)
     _release_zero3_grads_between_steps(engine.optimizer)
-    _zero3_grad_norm_in_one_call(engine.optimizer)
+    if engine.zero_optimization_stage() == 3:
+        _zero3_grad_norm_in_one_call(engine.optimizer)
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # ZeRO-0 all-reduces every gradient after backward (flatten, all_reduce, copy back)
         # even with one data-parallel rank, where the average is the gradient itself: ~4% of
