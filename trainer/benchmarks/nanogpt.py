@@ -24,7 +24,7 @@ reference: nanoGPT itself runs fp32 on a CPU whatever its ``--dtype`` (its autoc
 
 ``--ceiling`` runs the reference a second time with torch's fused AdamW kernel and the model
 compiled: what a hand-written fp32 loop of the same model reaches on this machine, against which
-an fp32 trainer's ratio can be read (2026-12-03, 2 cores: 1.04-1.14 of nanoGPT's loop).
+an fp32 trainer's ratio can be read (2026-12-03, 2 cores, three runs: 0.978-1.139 of nanoGPT's loop).
 
 Printed: each side's training tokens/s (the reference's after 10 iterations, ours from its train
 events after the first log window, so compilation and warm-up count in neither; the wall time
