@@ -262,6 +262,8 @@ def build_engine(model: torch.nn.Module, ds_config: dict[str, Any], optim: Optim
     _release_zero3_grads_between_steps(engine.optimizer)
     if engine.zero_optimization_stage() == 3:
         _zero3_grad_norm_in_one_call(engine.optimizer)
+    if engine.zero_optimization_stage() in (1, 2) and engine.dp_world_size == 1:
+        _zero12_no_allreduce_on_one_rank(engine.optimizer)
     if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
         # ZeRO-0 all-reduces every gradient after backward (flatten, all_reduce, copy back)
         # even with one data-parallel rank, where the average is the gradient itself: ~4% of
@@ -479,6 +481,42 @@ def _zero3_grad_norm_in_one_call(optimizer) -> None:
         return torch.where(total.isinf() | total.isnan(), torch.tensor(-1.0, device=total.device), total)
 
     optimizer.get_grad_norm_direct = grad_norm_direct
+
+
+def _zero12_no_allreduce_on_one_rank(optimizer) -> None:
+    """ZeRO-1/2 on one data-parallel rank: no flatten, all-reduce and copy back of the gradients.
+
+    After backward DeepSpeed all-reduces the gradients in flat chunks (``allreduce_and_copy``:
+    concatenate, divide by the world size, all-reduce, copy each slice back), as ZeRO-0 does
+    (skipped on one rank in ``build_engine``). On one rank, with the gradients already in the
+    communication dtype, that is the identity: x / 1.0 is x and the sum over one rank is its
+    input. Measured on the default model, ZeRO-1, 2 threads: backward 1.4 ms shorter (of ~55),
+    the whole step 0.975-0.978 of the plain loop -> 0.982-0.985. Where it is not the identity (a
+    dtype cast, a partition buffer to fill, sequence parallelism, overlapped communication's
+    bookkeeping) DeepSpeed's own runs.
+    """
+    reduce_and_copy = getattr(optimizer, "allreduce_and_copy", None)
+    if (
+        reduce_and_copy is None
+        or getattr(optimizer, "overlap_comm", True)
+        or getattr(optimizer, "sequence_parallel_size", 1) != 1
+    ):
+        return
+
+    def allreduce_and_copy(  # DeepSpeed's signature, so that every caller's arguments land the same
+        small_bucket, communication_data_type, rank=None, log=None, divide=True, process_group=None,
+        output_bucket=None,
+    ):  # fmt: skip
+        if all(t.dtype == communication_data_type for t in small_bucket) and all(
+            out is None for out in output_bucket or ()
+        ):
+            return  # the average over one rank of its own gradients: the gradients as they are
+        return reduce_and_copy(
+            small_bucket, communication_data_type, rank=rank, log=log, divide=divide,
+            process_group=process_group, output_bucket=output_bucket,
+        )  # fmt: skip
+
+    optimizer.allreduce_and_copy = allreduce_and_copy
 
 
 def current_lr(engine) -> float:

@@ -296,14 +296,47 @@ for precision in ("fp32", "bf16"):
             runs.append((patched, torch.cat([p.detach().float().flatten() for p in params]), norms))
     (ours, w1, n1), (theirs, w2, n2) = runs
     print("Z3NORM", precision, ours, theirs, n1 == n2 and min(n1) > 0.05, torch.equal(w1, w2))
+# ZeRO-1/2 on one rank skip DeepSpeed's flatten, all-reduce and copy back of the gradients: the
+# same norms and weights bitwise (with accumulation and clipping at work), fp32 and bf16; and no
+# all-reduce of a gradient bucket happens at all
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+allreduce_bucket, bucket_calls = DeepSpeedZeroOptimizer.allreduce_bucket, []
+def counted(self, *args, **kwargs):
+    bucket_calls.append(1)
+    return allreduce_bucket(self, *args, **kwargs)
+DeepSpeedZeroOptimizer.allreduce_bucket = counted
+for stage, precision in ((1, "fp32"), (2, "fp32"), (1, "bf16")):
+    runs = []
+    for skip in (E._zero12_no_allreduce_on_one_rank, lambda optimizer: None):
+        E_skip, E._zero12_no_allreduce_on_one_rank = E._zero12_no_allreduce_on_one_rank, skip
+        torch.manual_seed(0)
+        optim = OptimConfig(grad_clip=0.05)
+        ds = deepspeed_config(EngineConfig(zero_stage=stage, precision=precision), optim, micro_batch_size=2,
+                              grad_accum_steps=2, world_size=1, total_steps=10, device_type="cpu")
+        engine = build_engine(GPT(mcfg), ds, optim, 10)
+        E._zero12_no_allreduce_on_one_rank = E_skip
+        patched = "allreduce_and_copy" in vars(engine.optimizer)
+        norms, bucket_calls[:] = [], []
+        for _ in range(12):
+            _, loss = engine(torch.randint(0, 64, (2, 8)), torch.randint(0, 64, (2, 8)))
+            engine.backward(loss)
+            engine.step()
+            norms.append(float(engine.get_global_grad_norm() or 0.0))
+        weights = torch.cat([p.detach().float().flatten() for p in engine.module.parameters()])
+        runs.append((patched, len(bucket_calls), weights, norms))
+    (ours, calls1, w1, n1), (theirs, calls2, w2, n2) = runs
+    skipped = calls1 == 0 and calls2 > 0  # every all-reduce DeepSpeed would have run, and none ran
+    same = n1 == n2 and max(n1) > 0.05 and torch.equal(w1, w2)
+    print("Z12SKIP", stage, precision, ours, theirs, skipped, same)
 """
 
 
 def test_deepspeed_builds_torchs_fused_adamw_from_the_config():
     """The `fused` key reaches torch.optim.AdamW through DeepSpeed, at ZeRO-0 (DeepSpeed steps it
     directly) and ZeRO-1 (its wrapper does); one rank at ZeRO-0 skips the all-reduce and trains
-    the same weights; so does ZeRO-3 on one rank without its reduce-scatter. In a process of its
-    own: DeepSpeed starts a process group."""
+    the same weights; so do ZeRO-3 on one rank without its reduce-scatter and ZeRO-1/2 on one
+    rank without their all-reduce, and ZeRO-3's one-call gradient norm. In a process of its own:
+    DeepSpeed starts a process group."""
     import subprocess
     import sys
 
@@ -321,3 +354,5 @@ def test_deepspeed_builds_torchs_fused_adamw_from_the_config():
     assert "Z3SCATTER False True True True" in lines, proc.stdout
     for precision in ("fp32", "bf16"):
         assert f"Z3NORM {precision} True False True True" in lines, proc.stdout
+    for case in ("1 fp32", "2 fp32", "1 bf16"):
+        assert f"Z12SKIP {case} True False True True" in lines, proc.stdout
